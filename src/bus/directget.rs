@@ -1,0 +1,168 @@
+//! Reads from the CHAT stream by batch direct get (`next_by_subj` + `batch`),
+//! which async-nats does not wrap: one request, many replies, then an
+//! end-of-batch status. Used for gap repair, `join` with `since`, and history.
+
+use std::time::Duration;
+
+use async_nats::{Client, jetstream::stream::Stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::subjects;
+
+/// One stored message: its stream sequence and payload.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub seq: u64,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("NATS request failed: {0}")]
+    Nats(String),
+    #[error("timed out reading the stream")]
+    TimedOut,
+    #[error("stream answered status {0}")]
+    Status(u16),
+}
+
+#[derive(Serialize)]
+struct BatchRequest<'a> {
+    seq: u64,
+    next_by_subj: &'a str,
+    batch: usize,
+}
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest batch asked of the server in one request.
+pub const MAX_BATCH: usize = 512;
+
+/// Up to `batch` messages on `subject` with sequence ≥ `from`, in order.
+pub async fn next_batch(
+    client: &Client,
+    subject: &str,
+    from: u64,
+    batch: usize,
+) -> Result<Vec<Stored>, ReadError> {
+    let inbox = client.new_inbox();
+    let mut sub = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| ReadError::Nats(e.to_string()))?;
+    let req = serde_json::to_vec(&BatchRequest {
+        seq: from.max(1),
+        next_by_subj: subject,
+        batch: batch.clamp(1, MAX_BATCH),
+    })
+    .expect("serialisable");
+    client
+        .publish_with_reply(
+            subjects::direct_get(subjects::CHAT_STREAM),
+            inbox,
+            req.into(),
+        )
+        .await
+        .map_err(|e| ReadError::Nats(e.to_string()))?;
+    let mut out = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(REPLY_TIMEOUT, sub.next())
+            .await
+            .map_err(|_| ReadError::TimedOut)?
+            .ok_or_else(|| ReadError::Nats("subscription closed".into()))?;
+        match msg.status.map(|s| s.as_u16()) {
+            None | Some(200) => {}
+            // End of batch (204) or nothing at all at or after `from` (404).
+            Some(204) | Some(404) => break,
+            Some(s) => return Err(ReadError::Status(s)),
+        }
+        let seq = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Sequence"))
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .ok_or_else(|| ReadError::Nats("direct get reply without Nats-Sequence".into()))?;
+        out.push(Stored {
+            seq,
+            payload: msg.payload,
+        });
+        if out.len() >= batch {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Every message on `subject` with `after < seq < before`, in order.
+pub async fn range(
+    client: &Client,
+    subject: &str,
+    after: u64,
+    before: u64,
+) -> Result<Vec<Stored>, ReadError> {
+    let mut out = Vec::new();
+    let mut from = after + 1;
+    while from < before {
+        let want = usize::try_from(before - from)
+            .unwrap_or(MAX_BATCH)
+            .min(MAX_BATCH);
+        let got = next_batch(client, subject, from, want).await?;
+        let done = got.len() < want;
+        for m in got {
+            if m.seq >= before {
+                return Ok(out);
+            }
+            from = m.seq + 1;
+            out.push(m);
+        }
+        if done {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Sequence of the last message on `subject`, 0 when there is none.
+pub async fn last_seq(stream: &Stream, subject: &str) -> Result<u64, ReadError> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    match stream.direct_get_last_for_subject(subject).await {
+        Ok(m) => Ok(m.sequence),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
+        Err(e) if e.kind() == DirectGetErrorKind::TimedOut => Err(ReadError::TimedOut),
+        Err(e) => Err(ReadError::Nats(e.to_string())),
+    }
+}
+
+/// The newest `limit` messages on `subject` with seq < `before`, newest first.
+/// The stream cannot be read backwards, so windows of sequence numbers below
+/// `before` are read forwards, each four times wider, until enough is found.
+pub async fn newest_before(
+    client: &Client,
+    stream: &Stream,
+    subject: &str,
+    before: u64,
+    limit: usize,
+) -> Result<Vec<Stored>, ReadError> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let first = match stream.direct_get_first_for_subject(subject).await {
+        Ok(m) => m.sequence,
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == DirectGetErrorKind::TimedOut => return Err(ReadError::TimedOut),
+        Err(e) => return Err(ReadError::Nats(e.to_string())),
+    };
+    let mut window = (limit as u64).max(16) * 4;
+    let mut hi = before;
+    let mut found: Vec<Stored> = Vec::new();
+    while found.len() < limit && hi > first {
+        let lo = hi.saturating_sub(window).max(first);
+        let mut chunk = range(client, subject, lo - 1, hi).await?;
+        chunk.extend(found);
+        found = chunk;
+        hi = lo;
+        window = window.saturating_mul(4);
+    }
+    found.reverse();
+    found.truncate(limit);
+    Ok(found)
+}

@@ -1,0 +1,37 @@
+//! Everything that travels over NATS: subject names (`subjects`), the CHAT
+//! stream's setup (`streams`), the stored message format (`envelope`), and
+//! reads of the stream by batch direct get (`directget`).
+
+pub mod directget;
+pub mod envelope;
+pub mod messages;
+pub mod streams;
+pub mod subjects;
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::NatsSettings;
+
+/// Connects to NATS, failing within a few seconds when no server answers.
+/// Once connected the client reconnects by itself forever.
+pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<async_nats::Client> {
+    let servers: Vec<async_nats::ServerAddr> = s
+        .nats_url
+        .split(',')
+        .map(|u| {
+            u.trim()
+                .parse()
+                .with_context(|| format!("NATTER_NATS_URL: {u:?} is not a NATS URL"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .subscription_capacity(16 * 1024)
+        .retain_servers_order()
+        .connect(servers.as_slice())
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", s.nats_url))
+}

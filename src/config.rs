@@ -1,0 +1,212 @@
+//! Typed settings, from flags and `NATTER_*` variables, checked before anything
+//! binds or connects. Tests build them with `GatewaySettings::try_parse_from`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+use crate::ids::NodeId;
+
+/// A secret that never appears in `Debug` output or logs.
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Parses `7d`, `2m`, `500ms`, … (humantime).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogSettings {
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `natter=debug`).
+    #[arg(
+        long = "log",
+        env = "NATTER_LOG",
+        default_value = "info",
+        global = true
+    )]
+    pub level: String,
+    /// Log format.
+    #[arg(long = "log-format", env = "NATTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JwtAlg {
+    #[value(name = "HS256")]
+    Hs256,
+    #[value(name = "RS256")]
+    Rs256,
+    #[value(name = "ES256")]
+    Es256,
+    #[value(name = "EdDSA")]
+    EdDsa,
+}
+
+/// How tokens are checked: the algorithm is pinned; only that one is accepted.
+#[derive(Debug, Clone, Args)]
+pub struct JwtSettings {
+    /// JWT algorithm; the only one accepted.
+    #[arg(long, env = "NATTER_JWT_ALG", value_enum, default_value_t = JwtAlg::Hs256)]
+    pub jwt_alg: JwtAlg,
+    /// HS256 shared secret.
+    #[arg(long, env = "NATTER_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+    /// PEM public key file (RS256, ES256, EdDSA).
+    #[arg(long, env = "NATTER_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseSettings {
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "NATTER_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/natter",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+    /// Largest number of PostgreSQL connections in the pool.
+    #[arg(long, env = "NATTER_DATABASE_POOL", default_value_t = 16)]
+    pub database_pool: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NatsSettings {
+    /// NATS servers, comma-separated.
+    #[arg(long, env = "NATTER_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// JetStream replicas of the CHAT stream and the KV buckets (3 on a production cluster).
+    #[arg(long, env = "NATTER_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// How long the CHAT stream keeps messages (older ones live in the archive).
+    #[arg(long, env = "NATTER_STREAM_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
+    pub stream_max_age: Duration,
+    /// How many messages per room the CHAT stream keeps.
+    #[arg(long, env = "NATTER_STREAM_MAX_PER_ROOM", default_value_t = 10_000)]
+    pub stream_max_per_room: i64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewaySettings {
+    #[command(flatten)]
+    pub nats: NatsSettings,
+    #[command(flatten)]
+    pub db: DatabaseSettings,
+    #[command(flatten)]
+    pub jwt: JwtSettings,
+    /// HTTP/WebSocket listen address.
+    #[arg(long, env = "NATTER_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// This process's id in presence and logs (default: the host name).
+    #[arg(long, env = "NATTER_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Largest WebSocket frame or HTTP JSON body, in bytes.
+    #[arg(long, env = "NATTER_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Time a new WebSocket has to send `hello`.
+    #[arg(long, env = "NATTER_HELLO_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub hello_timeout: Duration,
+    /// Server ping interval, also announced in `welcome`.
+    #[arg(long, env = "NATTER_HEARTBEAT", default_value = "25s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// How long a membership answer is cached per gateway.
+    #[arg(long, env = "NATTER_MEMBERSHIP_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub membership_cache_ttl: Duration,
+    /// Frames queued per connection before it counts as a slow consumer.
+    #[arg(long, env = "NATTER_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+    /// Test hook: drop every Nth live delivery before gap detection (0 = off).
+    #[arg(
+        long,
+        env = "NATTER_FAULT_DROP_LIVE_EVERY",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub fault_drop_live_every: u64,
+}
+
+impl GatewaySettings {
+    /// The node id, from the setting or the host name, validated.
+    pub fn node_id(&self) -> anyhow::Result<NodeId> {
+        let raw = match &self.node_id {
+            Some(id) => id.clone(),
+            None => hostname(),
+        };
+        NodeId::parse(&raw).map_err(|e| anyhow::anyhow!("NATTER_NODE_ID {raw:?}: {e}"))
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(64)
+                .collect()
+        })
+        .filter(|h: &String| !h.is_empty())
+        .unwrap_or_else(|| "natter".to_owned())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateSettings {
+    #[command(flatten)]
+    pub db: DatabaseSettings,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenSettings {
+    /// The user id (`sub`).
+    #[arg(long)]
+    pub user: String,
+    /// Display name claim.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Lifetime of the token.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    #[command(flatten)]
+    pub jwt: JwtSettings,
+    /// PEM private key file for RS256, ES256 or EdDSA.
+    #[arg(long, env = "NATTER_JWT_PRIVATE_KEY")]
+    pub jwt_private_key: Option<PathBuf>,
+}

@@ -1,0 +1,148 @@
+//! Rooms and memberships: who may read and write a room, and read markers.
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::ids::{RoomId, UserId};
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct RoomSummary {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub last_read_seq: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Owner,
+    Member,
+}
+
+/// Creates a room with `owner` as its owner and `members` as members.
+/// Returns `false` when the id is taken.
+pub async fn create(
+    pool: &PgPool,
+    room: &RoomId,
+    name: &str,
+    owner: &UserId,
+    members: &[UserId],
+) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO rooms (id, name, created_by) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(room.as_str())
+    .bind(name)
+    .bind(owner.as_str())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        return Ok(false);
+    }
+    let users: Vec<&str> = members
+        .iter()
+        .map(UserId::as_str)
+        .filter(|u| *u != owner.as_str())
+        .collect();
+    sqlx::query(
+        "INSERT INTO room_members (room_id, user_id, role)
+         SELECT $1, $2, 'owner'
+         UNION ALL SELECT $1, u, 'member' FROM unnest($3::text[]) AS u
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(room.as_str())
+    .bind(owner.as_str())
+    .bind(&users)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// The caller's role in a room, if a member.
+pub async fn role(pool: &PgPool, room: &RoomId, user: &UserId) -> sqlx::Result<Option<Role>> {
+    let role: Option<String> =
+        sqlx::query_scalar("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .fetch_optional(pool)
+            .await?;
+    Ok(role.map(|r| {
+        if r == "owner" {
+            Role::Owner
+        } else {
+            Role::Member
+        }
+    }))
+}
+
+pub async fn exists(pool: &PgPool, room: &RoomId) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM rooms WHERE id = $1)")
+        .bind(room.as_str())
+        .fetch_one(pool)
+        .await
+}
+
+/// Rooms of a user, most recently joined first.
+pub async fn list_for(pool: &PgPool, user: &UserId) -> sqlx::Result<Vec<RoomSummary>> {
+    sqlx::query_as(
+        "SELECT r.id, r.name, m.role, m.last_read_seq
+         FROM room_members m JOIN rooms r ON r.id = m.room_id
+         WHERE m.user_id = $1 ORDER BY m.joined_at DESC, r.id LIMIT 1000",
+    )
+    .bind(user.as_str())
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn members(pool: &PgPool, room: &RoomId) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar("SELECT user_id FROM room_members WHERE room_id = $1 ORDER BY user_id")
+        .bind(room.as_str())
+        .fetch_all(pool)
+        .await
+}
+
+/// Adds a member; `false` if already one.
+pub async fn add_member(pool: &PgPool, room: &RoomId, user: &UserId) -> sqlx::Result<bool> {
+    let n = sqlx::query(
+        "INSERT INTO room_members (room_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(room.as_str())
+    .bind(user.as_str())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Removes a member; `false` if not one.
+pub async fn remove_member(pool: &PgPool, room: &RoomId, user: &UserId) -> sqlx::Result<bool> {
+    let n = sqlx::query("DELETE FROM room_members WHERE room_id = $1 AND user_id = $2")
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(n == 1)
+}
+
+/// Moves the read marker forward (never back). Returns the marker now stored,
+/// or `None` when the user is not a member.
+pub async fn mark_read(
+    pool: &PgPool,
+    room: &RoomId,
+    user: &UserId,
+    seq: u64,
+) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar(
+        "UPDATE room_members SET last_read_seq = GREATEST(last_read_seq, $3)
+         WHERE room_id = $1 AND user_id = $2 RETURNING last_read_seq",
+    )
+    .bind(room.as_str())
+    .bind(user.as_str())
+    .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+    .fetch_optional(pool)
+    .await
+}

@@ -1,0 +1,122 @@
+//! The error vocabulary shared by HTTP and WebSocket: one code set (PROTOCOL.md),
+//! one JSON body. Internal causes are logged once here and never echoed.
+
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+
+/// Error codes of the client protocol (`"code"` in error frames and bodies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Code {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Conflict,
+    RateLimited,
+    TooLarge,
+    Unavailable,
+    Internal,
+}
+
+impl Code {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Code::BadRequest => StatusCode::BAD_REQUEST,
+            Code::Unauthorized => StatusCode::UNAUTHORIZED,
+            Code::Forbidden => StatusCode::FORBIDDEN,
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::Conflict => StatusCode::CONFLICT,
+            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Code::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// An expected failure with a message that is safe to show the client.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: Code,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(Code::BadRequest, m)
+    }
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        Self::new(Code::Forbidden, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(Code::NotFound, m)
+    }
+    pub fn unauthorized(m: impl Into<String>) -> Self {
+        Self::new(Code::Unauthorized, m)
+    }
+
+    /// A failure of a dependency: logged with its cause, answered generically.
+    pub fn internal(what: &str, cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "{what} failed");
+        Self::new(Code::Internal, format!("{what} failed"))
+    }
+
+    /// NATS or PostgreSQL is not reachable right now; the client may retry.
+    pub fn unavailable(what: &str, cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "{what} unavailable");
+        Self::new(
+            Code::Unavailable,
+            format!("{what} is unavailable, retry later"),
+        )
+    }
+}
+
+impl From<crate::ids::IdError> for ApiError {
+    fn from(e: crate::ids::IdError) -> Self {
+        Self::bad_request(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Self::unavailable("database", e)
+            }
+            e => Self::internal("database", e),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+#[derive(Serialize)]
+struct Inner<'a> {
+    code: Code,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body {
+            error: Inner {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        (self.code.status(), Json(body)).into_response()
+    }
+}

@@ -1,0 +1,537 @@
+//! One WebSocket connection: the handshake, then a reader (this task) that
+//! decodes and handles client frames, and a writer task that drains the
+//! bounded outbound queue into the socket.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt, stream::SplitSink};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    AppState,
+    outbound::{ConnHandle, Out, close},
+    protocol::{self, ClientFrame, ServerFrame},
+};
+use crate::{
+    auth::{AuthError, Identity, unix_now},
+    bus::{
+        directget, envelope,
+        envelope::Kind,
+        messages::{self, NewMessage},
+        subjects,
+    },
+    error::{ApiError, Code},
+    ids::{ClientMsgId, RoomId},
+};
+
+/// Frames coalesced into one socket write.
+const WRITE_BATCH: usize = 64;
+
+pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>) {
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel(state.settings.outbound_queue);
+
+    let identity = match handshake(&state, &mut stream, bearer).await {
+        Ok(id) => id,
+        Err(reason) => {
+            let mut sink = sink;
+            let frame = ServerFrame::Error {
+                code: Code::Unauthorized,
+                reference: "hello",
+                message: &reason,
+                retry_after_ms: None,
+            };
+            let _ = sink.send(Message::Text(frame.encode())).await;
+            let _ = sink
+                .send(close_msg(close::UNAUTHORIZED, "unauthorized"))
+                .await;
+            return;
+        }
+    };
+
+    let session = uuid::Uuid::new_v4().simple().to_string();
+    let conn = ConnHandle::new(state.next_conn_id(), session, identity.user.clone(), tx);
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        conn.clone(),
+        state.shutdown.clone(),
+        state.settings.heartbeat,
+    ));
+    conn.send(
+        ServerFrame::Welcome {
+            user: conn.user.as_str(),
+            session: &conn.session,
+            node: state.node.as_str(),
+            heartbeat_ms: state.settings.heartbeat.as_millis() as u64,
+        }
+        .encode(),
+    )
+    .await;
+
+    let mut session = Session {
+        state: &state,
+        conn: conn.clone(),
+        exp: identity.exp,
+        rooms: HashSet::new(),
+    };
+    session.run(&mut stream).await;
+    for room in session.rooms.drain() {
+        state.hub.leave(&room, conn.id);
+    }
+    conn.close_now(close::NORMAL);
+    let _ = writer.await;
+}
+
+type Reader = futures::stream::SplitStream<WebSocket>;
+
+/// Waits for `hello` (or uses the upgrade's bearer token).
+async fn handshake(
+    state: &AppState,
+    stream: &mut Reader,
+    bearer: Option<String>,
+) -> Result<Identity, String> {
+    let token = match bearer {
+        Some(t) => t,
+        None => {
+            let first = tokio::time::timeout(state.settings.hello_timeout, stream.next())
+                .await
+                .map_err(|_| "no hello in time".to_owned())?;
+            let text = match first {
+                Some(Ok(Message::Text(t))) => t,
+                _ => return Err("the first frame must be hello".to_owned()),
+            };
+            match protocol::decode(&text) {
+                Ok(ClientFrame::Hello { token }) => token,
+                _ => return Err("the first frame must be hello".to_owned()),
+            }
+        }
+    };
+    state.verifier.verify(&token).map_err(|e| match e {
+        AuthError::Expired => "token expired".to_owned(),
+        AuthError::Invalid(_) => "invalid token".to_owned(),
+    })
+}
+
+fn close_msg(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}
+
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Out>,
+    conn: Arc<ConnHandle>,
+    shutdown: CancellationToken,
+    heartbeat: Duration,
+) {
+    let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    loop {
+        tokio::select! {
+            biased;
+            _ = conn.killed().cancelled() => {
+                let code = conn.close_code();
+                let _ = sink.send(close_msg(code, reason_of(code))).await;
+                break;
+            }
+            _ = shutdown.cancelled() => {
+                let _ = sink.send(close_msg(close::RESTARTING, "gateway restarting")).await;
+                conn.close_now(close::RESTARTING);
+                break;
+            }
+            out = rx.recv() => {
+                let Some(out) = out else { break };
+                if write_batch(&mut sink, out, &mut rx, &conn).await.is_err() {
+                    conn.close_now(close::NORMAL);
+                    break;
+                }
+            }
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                    conn.close_now(close::NORMAL);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Writes `first` and whatever else is queued (up to a batch) with one flush.
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, Message>,
+    first: Out,
+    rx: &mut mpsc::Receiver<Out>,
+    conn: &ConnHandle,
+) -> Result<(), axum::Error> {
+    let mut next = Some(first);
+    let mut n = 0;
+    while let Some(out) = next.take() {
+        match out {
+            Out::Frame(f) => sink.feed(Message::Text(f)).await?,
+            Out::Close(code, reason) => {
+                sink.send(close_msg(code, reason)).await?;
+                conn.close_now(code);
+                return Err(axum::Error::new("closed"));
+            }
+        }
+        n += 1;
+        if n < WRITE_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    sink.flush().await
+}
+
+fn reason_of(code: u16) -> &'static str {
+    match code {
+        close::SLOW_CONSUMER => "slow consumer",
+        close::UNAUTHORIZED => "unauthorized",
+        close::RESTARTING => "gateway restarting",
+        close::ABUSE => "too many frames",
+        _ => "",
+    }
+}
+
+/// The authenticated part of a connection.
+struct Session<'a> {
+    state: &'a AppState,
+    conn: Arc<ConnHandle>,
+    exp: u64,
+    rooms: HashSet<RoomId>,
+}
+
+impl Session<'_> {
+    async fn run(&mut self, stream: &mut Reader) {
+        loop {
+            let expiry =
+                tokio::time::sleep(Duration::from_secs(self.exp.saturating_sub(unix_now())));
+            let frame = tokio::select! {
+                biased;
+                _ = self.conn.killed().cancelled() => return,
+                _ = expiry => {
+                    self.error(Code::Unauthorized, "token", "token expired").await;
+                    self.conn.close_after_queue(close::UNAUTHORIZED, "token expired").await;
+                    return;
+                }
+                f = stream.next() => f,
+            };
+            match frame {
+                Some(Ok(Message::Text(text))) => {
+                    if !self.handle_text(&text).await {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    self.error(
+                        Code::BadRequest,
+                        "frame",
+                        "binary frames are not supported; send JSON text",
+                    )
+                    .await
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) | None => return,
+                Some(Err(e)) => {
+                    tracing::debug!(conn = self.conn.id, error = %e, "socket read failed");
+                    // Oversized frames end here: tell the client if we still can.
+                    if e.to_string().contains("too long") || e.to_string().contains("too big") {
+                        self.error(Code::TooLarge, "frame", "frame too large").await;
+                        self.conn.close_after_queue(1009, "frame too large").await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn error(&self, code: Code, reference: &str, message: &str) {
+        self.conn
+            .send(
+                ServerFrame::Error {
+                    code,
+                    reference,
+                    message,
+                    retry_after_ms: None,
+                }
+                .encode(),
+            )
+            .await;
+    }
+
+    async fn api_error(&self, reference: &str, e: ApiError) {
+        self.error(e.code, reference, &e.message).await;
+    }
+
+    /// Handles one frame; `false` ends the connection.
+    async fn handle_text(&mut self, text: &str) -> bool {
+        let frame = match protocol::decode(text) {
+            Ok(f) => f,
+            Err(u) => {
+                self.error(u.code, &u.reference, &u.message).await;
+                return true;
+            }
+        };
+        match frame {
+            ClientFrame::Hello { .. } => {
+                self.error(Code::BadRequest, "hello", "already authenticated")
+                    .await
+            }
+            ClientFrame::Ping => self.conn.send(ServerFrame::Pong.encode()).await,
+            ClientFrame::Join { room, since } => {
+                if let Err(e) = self.join(&room, since).await {
+                    self.api_error("join", e).await;
+                }
+            }
+            ClientFrame::Leave { room } => match RoomId::parse(&room) {
+                Ok(room) => {
+                    if self.rooms.remove(&room) {
+                        self.state.hub.leave(&room, self.conn.id);
+                    }
+                    self.conn
+                        .send(
+                            ServerFrame::Left {
+                                room: room.as_str(),
+                            }
+                            .encode(),
+                        )
+                        .await;
+                }
+                Err(e) => self.api_error("leave", e.into()).await,
+            },
+            ClientFrame::Send {
+                room,
+                id,
+                body,
+                kind,
+                attachment,
+            } => {
+                let reference: String = id.chars().take(64).collect();
+                if let Err(e) = self.send(&room, &id, body, kind, attachment).await {
+                    self.api_error(&reference, e).await;
+                }
+            }
+            ClientFrame::Read { room, seq } => {
+                if let Err(e) = self.read(&room, seq).await {
+                    self.api_error("read", e).await;
+                }
+            }
+            ClientFrame::Refresh { token } => return self.refresh(&token).await,
+            ClientFrame::Typing { .. }
+            | ClientFrame::Presence { .. }
+            | ClientFrame::PresenceSub { .. } => {
+                // Presence and typing arrive with the presence work (issue 3).
+                self.error(
+                    Code::BadRequest,
+                    "frame",
+                    "not supported by this gateway yet",
+                )
+                .await
+            }
+        }
+        true
+    }
+
+    async fn member_room(&self, room: &str) -> Result<RoomId, ApiError> {
+        let room = RoomId::parse(room)?;
+        if !self
+            .state
+            .membership
+            .is_member(&self.state.db, &room, &self.conn.user)
+            .await?
+        {
+            return Err(ApiError::forbidden("not a member of this room"));
+        }
+        Ok(room)
+    }
+
+    async fn join(&mut self, room: &str, since: Option<u64>) -> Result<(), ApiError> {
+        let room = self.member_room(room).await?;
+        let state = self.state;
+        if self.rooms.remove(&room) {
+            state.hub.leave(&room, self.conn.id); // re-join: start over from `since`
+        }
+        let last = state
+            .hub
+            .join(&room, self.conn.clone())
+            .await
+            .map_err(|e| ApiError::unavailable("message stream", e))?;
+        self.rooms.insert(room.clone());
+        self.conn
+            .send(
+                ServerFrame::Joined {
+                    room: room.as_str(),
+                    last_seq: last,
+                }
+                .encode(),
+            )
+            .await;
+        let mut cursor = last;
+        if let Some(since) = since {
+            cursor = cursor.max(since);
+            if since < last {
+                let subject = subjects::room_msg(&room);
+                match directget::range(&state.nats, &subject, since, last + 1).await {
+                    Ok(missed) => {
+                        for m in missed {
+                            if let Some(f) =
+                                envelope::message_frame(room.as_str(), m.seq, &m.payload)
+                                    .and_then(|b| Utf8Bytes::try_from(b).ok())
+                            {
+                                self.conn.send(f).await;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.rooms.remove(&room);
+                        state.hub.leave(&room, self.conn.id);
+                        return Err(ApiError::unavailable("message stream", e));
+                    }
+                }
+            }
+        }
+        state.hub.caught_up(&room, self.conn.id, cursor);
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        room: &str,
+        id: &str,
+        body: String,
+        kind: Kind,
+        attachment: Option<String>,
+    ) -> Result<(), ApiError> {
+        let id = ClientMsgId::parse(id)?;
+        let room = self.member_room(room).await?;
+        let attachment = check_attachment(kind, attachment)?;
+        let (ts, fut) = messages::publish(
+            &self.state.js,
+            NewMessage {
+                room: &room,
+                from: &self.conn.user,
+                id: &id,
+                body,
+                kind,
+                attachment,
+            },
+        )
+        .await
+        .map_err(|e| ApiError::unavailable("message stream", e))?;
+        // The publish is issued in order; its ack is awaited off the read path.
+        let conn = self.conn.clone();
+        let stream = self.state.stream.clone();
+        tokio::spawn(async move {
+            let frame = match messages::confirm(&stream, ts, fut).await {
+                Ok(p) => ServerFrame::Ack {
+                    id: id.as_str(),
+                    room: room.as_str(),
+                    seq: p.seq,
+                    ts: p.ts,
+                }
+                .encode(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "send not stored");
+                    ServerFrame::Error {
+                        code: Code::Unavailable,
+                        reference: id.as_str(),
+                        message: "message not stored; resend with the same id",
+                        retry_after_ms: Some(1000),
+                    }
+                    .encode()
+                }
+            };
+            conn.send(frame).await;
+        });
+        Ok(())
+    }
+
+    async fn read(&self, room: &str, seq: u64) -> Result<(), ApiError> {
+        let room = RoomId::parse(room)?;
+        publish_read(
+            self.state,
+            &room,
+            &self.conn.user,
+            seq,
+            Some(&self.conn.session),
+        )
+        .await
+    }
+
+    async fn refresh(&mut self, token: &str) -> bool {
+        match self.state.verifier.verify(token) {
+            Ok(id) if id.user == self.conn.user => {
+                self.exp = id.exp;
+                self.conn
+                    .send(ServerFrame::Refreshed { exp: id.exp }.encode())
+                    .await;
+                true
+            }
+            Ok(_) => {
+                self.error(Code::Forbidden, "refresh", "token is for another user")
+                    .await;
+                true
+            }
+            Err(AuthError::Expired) => {
+                self.error(Code::Unauthorized, "refresh", "token expired")
+                    .await;
+                true
+            }
+            Err(AuthError::Invalid(_)) => {
+                self.error(Code::Unauthorized, "refresh", "invalid token")
+                    .await;
+                true
+            }
+        }
+    }
+}
+
+/// An image message must name its attachment; a text message must not.
+pub fn check_attachment(
+    kind: Kind,
+    attachment: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    match (kind, attachment) {
+        (Kind::Image, Some(a)) => Ok(Some(crate::ids::RoomId::parse(&a).map(|_| a)?)),
+        (Kind::Image, None) => Err(ApiError::bad_request(
+            "an image message needs \"attachment\"",
+        )),
+        (Kind::Text, Some(_)) => Err(ApiError::bad_request("\"attachment\" needs kind \"image\"")),
+        (Kind::Text, None) => Ok(None),
+    }
+}
+
+/// Persists a read marker (never backwards) and tells the room's other
+/// sessions. `Err(forbidden)` when the user is not a member.
+pub async fn publish_read(
+    state: &AppState,
+    room: &RoomId,
+    user: &crate::ids::UserId,
+    seq: u64,
+    origin_session: Option<&str>,
+) -> Result<(), ApiError> {
+    let stored = crate::db::rooms::mark_read(&state.db, room, user, seq)
+        .await?
+        .ok_or_else(|| ApiError::forbidden("not a member of this room"))?;
+    let frame = ServerFrame::Read {
+        room: room.as_str(),
+        user: user.as_str(),
+        seq: stored as u64,
+    }
+    .encode();
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(s) = origin_session {
+        headers.insert(subjects::ORIGIN_SESSION_HEADER, s);
+    }
+    let payload = Bytes::from(frame.as_str().to_owned());
+    state
+        .nats
+        .publish_with_headers(subjects::room_event(room), headers, payload)
+        .await
+        .map_err(|e| ApiError::unavailable("event bus", e))?;
+    Ok(())
+}

@@ -1,0 +1,377 @@
+//! The REST API of docs/protocol.md, plus `/healthz` and `/readyz`.
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State},
+    http::{StatusCode, header, request::Parts},
+    response::{IntoResponse, Response},
+    routing::{delete, get, post},
+};
+use bytes::Bytes;
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::json;
+
+use super::{AppState, connection, ws};
+use crate::{
+    auth::Identity,
+    bus::{
+        directget,
+        envelope::{Kind, MessageView, StoredMessage},
+        messages::{self, NewMessage},
+        subjects,
+    },
+    db::{self, rooms::Role},
+    error::ApiError,
+    ids::{ClientMsgId, RoomId, UserId},
+};
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.settings.max_frame_bytes;
+    Router::new()
+        .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/rooms", post(create_room).get(list_rooms))
+        .route("/v1/rooms/{id}/members", post(add_member).get(list_members))
+        .route("/v1/rooms/{id}/members/{user}", delete(remove_member))
+        .route("/v1/rooms/{id}/messages", get(history).post(send_message))
+        .route("/v1/rooms/{id}/read", post(mark_read))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The authenticated caller of an HTTP request (`Authorization: Bearer`).
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+        state
+            .verifier
+            .verify(token.trim())
+            .map(Caller)
+            .map_err(|e| ApiError::unauthorized(e.to_string()))
+    }
+}
+
+/// JSON bodies are parsed here so that every failure gets our error body.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn room_id(raw: &str) -> Result<RoomId, ApiError> {
+    Ok(RoomId::parse(raw)?)
+}
+
+async fn require_member(state: &AppState, room: &RoomId, user: &UserId) -> Result<(), ApiError> {
+    if state.membership.is_member(&state.db, room, user).await? {
+        Ok(())
+    } else if db::rooms::exists(&state.db, room).await? {
+        Err(ApiError::forbidden("not a member of this room"))
+    } else {
+        Err(ApiError::not_found("no such room"))
+    }
+}
+
+async fn require_owner(state: &AppState, room: &RoomId, user: &UserId) -> Result<(), ApiError> {
+    match db::rooms::role(&state.db, room, user).await? {
+        Some(Role::Owner) => Ok(()),
+        Some(Role::Member) => Err(ApiError::forbidden("only the room's owner may do this")),
+        None if db::rooms::exists(&state.db, room).await? => {
+            Err(ApiError::forbidden("not a member of this room"))
+        }
+        None => Err(ApiError::not_found("no such room")),
+    }
+}
+
+/// Tells a user's sessions, wherever they are, that their rooms changed.
+async fn user_event(state: &AppState, user: &UserId, event: serde_json::Value) {
+    let payload = Bytes::from(event.to_string());
+    if let Err(e) = state
+        .nats
+        .publish(subjects::user_event(user), payload)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot publish user event");
+    }
+}
+
+#[derive(Deserialize)]
+struct CreateRoom {
+    id: Option<String>,
+    name: Option<String>,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+async fn create_room(
+    State(state): State<AppState>,
+    Caller(me): Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: CreateRoom = parse(&body)?;
+    let id = match req.id {
+        Some(id) => room_id(&id)?,
+        None => RoomId::parse(&uuid::Uuid::new_v4().simple().to_string())?,
+    };
+    if req.members.len() > 10_000 {
+        return Err(ApiError::bad_request("at most 10000 members at creation"));
+    }
+    let members = req
+        .members
+        .iter()
+        .map(|m| UserId::parse(m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let name = req.name.unwrap_or_else(|| id.to_string());
+    if name.len() > 200 {
+        return Err(ApiError::bad_request("name is longer than 200 bytes"));
+    }
+    if !db::rooms::create(&state.db, &id, &name, &me.user, &members).await? {
+        return Err(ApiError::new(
+            crate::error::Code::Conflict,
+            "a room with this id exists",
+        ));
+    }
+    let all = db::rooms::members(&state.db, &id).await?;
+    for m in &members {
+        if *m != me.user {
+            user_event(
+                &state,
+                m,
+                json!({"type":"room_added","room":id,"by":me.user}),
+            )
+            .await;
+        }
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "name": name, "members": all})),
+    )
+        .into_response())
+}
+
+async fn list_rooms(
+    State(state): State<AppState>,
+    Caller(me): Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rooms = db::rooms::list_for(&state.db, &me.user).await?;
+    let lasts = futures::future::join_all(rooms.iter().map(|r| async {
+        match RoomId::parse(&r.id) {
+            Ok(id) => directget::last_seq(&state.stream, &subjects::room_msg(&id))
+                .await
+                .ok(),
+            Err(_) => None,
+        }
+    }))
+    .await;
+    let out: Vec<_> = rooms
+        .into_iter()
+        .zip(lasts)
+        .map(|(r, last)| {
+            json!({"id": r.id, "name": r.name, "role": r.role, "last_read_seq": r.last_read_seq, "last_seq": last})
+        })
+        .collect();
+    Ok(Json(json!({ "rooms": out })))
+}
+
+#[derive(Deserialize)]
+struct AddMember {
+    user: String,
+}
+
+async fn add_member(
+    State(state): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let room = room_id(&id)?;
+    let req: AddMember = parse(&body)?;
+    let user = UserId::parse(&req.user)?;
+    require_owner(&state, &room, &me.user).await?;
+    let added = db::rooms::add_member(&state.db, &room, &user).await?;
+    state.membership.forget(&room, &user);
+    if added {
+        user_event(
+            &state,
+            &user,
+            json!({"type":"room_added","room":room,"by":me.user}),
+        )
+        .await;
+    }
+    let status = if added {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({"room": room, "user": user, "added": added})),
+    )
+        .into_response())
+}
+
+async fn list_members(
+    State(state): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let room = room_id(&id)?;
+    require_member(&state, &room, &me.user).await?;
+    Ok(Json(
+        json!({"room": room, "members": db::rooms::members(&state.db, &room).await?}),
+    ))
+}
+
+async fn remove_member(
+    State(state): State<AppState>,
+    Caller(me): Caller,
+    Path((id, user)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let room = room_id(&id)?;
+    let user = UserId::parse(&user)?;
+    if user != me.user {
+        require_owner(&state, &room, &me.user).await?;
+    }
+    let removed = db::rooms::remove_member(&state.db, &room, &user).await?;
+    state.membership.forget(&room, &user);
+    if !removed {
+        return Err(ApiError::not_found("not a member"));
+    }
+    user_event(
+        &state,
+        &user,
+        json!({"type":"room_removed","room":room,"by":me.user}),
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    before: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let room = room_id(&id)?;
+    require_member(&state, &room, &me.user).await?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 200);
+    let before = q.before.unwrap_or(u64::MAX);
+    let subject = subjects::room_msg(&room);
+    let found = tokio::time::timeout(
+        Duration::from_secs(10),
+        directget::newest_before(&state.nats, &state.stream, &subject, before, limit),
+    )
+    .await
+    .map_err(|_| ApiError::unavailable("message stream", "timed out"))?
+    .map_err(|e| ApiError::unavailable("message stream", e))?;
+    let messages: Vec<MessageView> = found
+        .into_iter()
+        .filter_map(|m| {
+            let msg: StoredMessage = serde_json::from_slice(&m.payload).ok()?;
+            Some(MessageView {
+                room: room.to_string(),
+                seq: m.seq,
+                msg,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "messages": messages })))
+}
+
+#[derive(Deserialize)]
+struct SendBody {
+    id: String,
+    #[serde(default)]
+    body: String,
+    #[serde(default)]
+    kind: Kind,
+    attachment: Option<String>,
+}
+
+async fn send_message(
+    State(state): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let room = room_id(&id)?;
+    let req: SendBody = parse(&body)?;
+    let msg_id = ClientMsgId::parse(&req.id)?;
+    require_member(&state, &room, &me.user).await?;
+    let attachment = connection::check_attachment(req.kind, req.attachment)?;
+    let new = NewMessage {
+        room: &room,
+        from: &me.user,
+        id: &msg_id,
+        body: req.body,
+        kind: req.kind,
+        attachment,
+    };
+    let (ts, fut) = messages::publish(&state.js, new)
+        .await
+        .map_err(|e| ApiError::unavailable("message stream", e))?;
+    let p = messages::confirm(&state.stream, ts, fut)
+        .await
+        .map_err(|e| ApiError::unavailable("message stream", e))?;
+    let status = if p.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let out =
+        json!({"room": room, "seq": p.seq, "ts": p.ts, "id": msg_id, "duplicate": p.duplicate});
+    Ok((status, Json(out)).into_response())
+}
+
+#[derive(Deserialize)]
+struct ReadBody {
+    seq: u64,
+}
+
+async fn mark_read(
+    State(state): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let room = room_id(&id)?;
+    let req: ReadBody = parse(&body)?;
+    connection::publish_read(&state, &room, &me.user, req.seq, None).await?;
+    Ok(Json(json!({"room": room, "seq": req.seq})))
+}
+
+/// Ready while accepting, connected to NATS, and PostgreSQL answers.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let accepting = state.accepting.load(Ordering::Acquire);
+    let nats = state.nats.connection_state() == async_nats::connection::State::Connected;
+    let db = tokio::time::timeout(
+        Duration::from_secs(1),
+        sqlx::query("SELECT 1").execute(&state.db),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    let body = json!({"accepting": accepting, "nats": nats, "database": db});
+    let status = if accepting && nats && db {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}

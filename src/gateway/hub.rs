@@ -1,0 +1,84 @@
+//! Local rooms ↔ connections. The first local member of a room starts its
+//! room task (and so its NATS subscriptions); the last one to leave ends it.
+
+use std::{collections::HashMap, sync::Arc};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    outbound::ConnHandle,
+    room::{self, RoomCmd, RoomDeps},
+};
+use crate::{bus::directget::ReadError, ids::RoomId};
+
+struct Slot {
+    tx: mpsc::UnboundedSender<RoomCmd>,
+    members: usize,
+}
+
+pub struct Hub {
+    deps: RoomDeps,
+    /// Room → its task's command channel and local member count. The count
+    /// changes under this lock, so a room is removed exactly when it empties.
+    rooms: Mutex<HashMap<RoomId, Slot>>,
+}
+
+impl Hub {
+    pub fn new(deps: RoomDeps) -> Self {
+        Self {
+            deps,
+            rooms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adds `conn` to `room` in buffering state and returns the room's last
+    /// seq; the caller replays up to it and then calls [`Hub::caught_up`].
+    pub async fn join(&self, room: &RoomId, conn: Arc<ConnHandle>) -> Result<u64, ReadError> {
+        let (reply, answer) = oneshot::channel();
+        let conn_id = conn.id;
+        {
+            let mut rooms = self.rooms.lock();
+            let slot = rooms.entry(room.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(room::run(room.clone(), self.deps.clone(), rx));
+                Slot { tx, members: 0 }
+            });
+            slot.members += 1;
+            let _ = slot.tx.send(RoomCmd::Join { conn, reply });
+        }
+        match answer.await {
+            Ok(Ok(last)) => Ok(last),
+            Ok(Err(e)) => {
+                self.leave(room, conn_id);
+                Err(e)
+            }
+            Err(_) => {
+                self.leave(room, conn_id);
+                Err(ReadError::Nats("room task ended".into()))
+            }
+        }
+    }
+
+    pub fn caught_up(&self, room: &RoomId, conn_id: u64, cursor: u64) {
+        if let Some(slot) = self.rooms.lock().get(room) {
+            let _ = slot.tx.send(RoomCmd::CaughtUp { conn_id, cursor });
+        }
+    }
+
+    pub fn leave(&self, room: &RoomId, conn_id: u64) {
+        let mut rooms = self.rooms.lock();
+        if let Some(slot) = rooms.get_mut(room) {
+            let _ = slot.tx.send(RoomCmd::Leave { conn_id });
+            slot.members = slot.members.saturating_sub(1);
+            if slot.members == 0 {
+                rooms.remove(room); // dropping the sender ends the task
+            }
+        }
+    }
+
+    /// Rooms with a room task on this gateway.
+    pub fn room_count(&self) -> usize {
+        self.rooms.lock().len()
+    }
+}

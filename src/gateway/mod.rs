@@ -1,0 +1,130 @@
+//! The gateway: WebSocket and HTTP clients in, NATS and PostgreSQL behind.
+//!
+//! `ws.rs` upgrades and authenticates, `connection.rs` runs one socket,
+//! `hub.rs` maps local rooms to connections, `room.rs` owns a room's live
+//! subscription, gap repair and fan-out, `http.rs` is the REST API.
+
+pub mod connection;
+pub mod http;
+pub mod hub;
+pub mod membership;
+pub mod outbound;
+pub mod protocol;
+pub mod room;
+pub mod ws;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use async_nats::jetstream;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{auth::Verifier, bus, config::GatewaySettings, ids::NodeId};
+
+/// Shared state of one gateway: cheap handles, cloned into every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<GatewaySettings>,
+    pub node: NodeId,
+    pub db: PgPool,
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    /// The CHAT stream (direct gets).
+    pub stream: jetstream::stream::Stream,
+    pub verifier: Arc<Verifier>,
+    pub hub: Arc<hub::Hub>,
+    pub membership: Arc<membership::Membership>,
+    /// Cancelled when the gateway shuts down: sockets close with 1012.
+    pub shutdown: CancellationToken,
+    /// False once shutdown starts.
+    pub accepting: Arc<AtomicBool>,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl AppState {
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+pub struct Gateway {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Gateway {
+    /// Checks settings, connects to PostgreSQL and NATS, makes sure the CHAT
+    /// stream exists, and binds the listener. Fails with a one-line reason.
+    pub async fn build(settings: GatewaySettings) -> anyhow::Result<Self> {
+        let node = settings.node_id()?;
+        let verifier = Verifier::from_settings(&settings.jwt)?;
+        let db = crate::db::connect(&settings.db).await?;
+        let nats = bus::connect(&settings.nats, &format!("natter-gateway-{node}")).await?;
+        let js = jetstream::new(nats.clone());
+        let stream = bus::streams::ensure_chat(&js, &settings.nats).await?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let hub = hub::Hub::new(room::RoomDeps {
+            nats: nats.clone(),
+            stream: stream.clone(),
+            drop_live_every: settings.fault_drop_live_every,
+        });
+        let state = AppState {
+            membership: Arc::new(membership::Membership::new(settings.membership_cache_ttl)),
+            settings: Arc::new(settings),
+            node,
+            db,
+            nats,
+            js,
+            stream,
+            verifier: Arc::new(verifier),
+            hub: Arc::new(hub),
+            shutdown: CancellationToken::new(),
+            accepting: Arc::new(AtomicBool::new(true)),
+            next_conn: Arc::new(AtomicU64::new(1)),
+        };
+        Ok(Self { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    /// Serves until `stop` is cancelled, then closes every socket with 1012
+    /// and drains the NATS connection.
+    pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let Self { listener, state } = self;
+        tracing::info!(addr = %listener.local_addr()?, node = %state.node, "gateway listening");
+        let app = http::router(state.clone());
+        let conns_stop = state.shutdown.clone();
+        let accepting = state.accepting.clone();
+        let serve = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            stop.cancelled().await;
+            accepting.store(false, Ordering::Release);
+            conns_stop.cancel();
+        });
+        serve.await.context("HTTP server failed")?;
+        if tokio::time::timeout(Duration::from_secs(5), state.nats.drain())
+            .await
+            .is_err()
+        {
+            tracing::warn!("NATS drain did not finish in 5 s");
+        }
+        tracing::info!("gateway stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,246 @@
+//! One task per room that has members on this gateway. It owns the room's
+//! core subscriptions (`live.room.<r>` from the stream's RePublish, and
+//! `chat.room.<r>.event`), keeps the last sequence delivered, drops duplicates,
+//! repairs gaps from the stream before delivering later messages, encodes each
+//! message once and hands the same bytes to every local member.
+
+use std::{collections::HashMap, sync::Arc};
+
+use async_nats::{Client, Message, jetstream::stream::Stream};
+use axum::extract::ws::Utf8Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::outbound::{ConnHandle, close};
+use crate::{
+    bus::{
+        directget::{self, ReadError},
+        envelope, subjects,
+    },
+    ids::RoomId,
+};
+
+/// Most live frames held for a member while it replays history.
+const MAX_BUFFERED: usize = 20_000;
+
+pub enum RoomCmd {
+    /// Adds a member in buffering state; answers the room's last seq `L`.
+    Join {
+        conn: Arc<ConnHandle>,
+        reply: oneshot::Sender<Result<u64, ReadError>>,
+    },
+    /// The member has everything up to `cursor`; flush its buffer, go live.
+    CaughtUp {
+        conn_id: u64,
+        cursor: u64,
+    },
+    Leave {
+        conn_id: u64,
+    },
+}
+
+/// What a room task needs from the gateway.
+#[derive(Clone)]
+pub struct RoomDeps {
+    pub nats: Client,
+    pub stream: Stream,
+    /// Test hook: drop every Nth live delivery (0 = off).
+    pub drop_live_every: u64,
+}
+
+struct Member {
+    conn: Arc<ConnHandle>,
+    cursor: u64,
+    buffer: Option<Vec<(u64, Utf8Bytes)>>,
+}
+
+struct Room {
+    id: RoomId,
+    subject: String,
+    deps: RoomDeps,
+    last: Option<u64>,
+    members: HashMap<u64, Member>,
+    live_seen: u64,
+}
+
+pub async fn run(id: RoomId, deps: RoomDeps, mut cmds: mpsc::UnboundedReceiver<RoomCmd>) {
+    let subs = tokio::try_join!(
+        deps.nats.subscribe(subjects::live_room(&id)),
+        deps.nats.subscribe(subjects::room_event(&id)),
+    );
+    let (mut live, mut events) = match subs {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(room = %id, error = %e, "cannot subscribe to room");
+            while let Some(cmd) = cmds.recv().await {
+                if let RoomCmd::Join { reply, .. } = cmd {
+                    let _ = reply.send(Err(ReadError::Nats(e.to_string())));
+                }
+            }
+            return;
+        }
+    };
+    let mut room = Room {
+        subject: subjects::room_msg(&id),
+        id,
+        deps,
+        last: None,
+        members: HashMap::new(),
+        live_seen: 0,
+    };
+    room.init().await;
+    loop {
+        tokio::select! {
+            biased;
+            cmd = cmds.recv() => match cmd {
+                Some(cmd) => room.command(cmd).await,
+                None => break,
+            },
+            Some(msg) = live.next() => room.on_live(msg).await,
+            Some(msg) = events.next() => room.on_event(msg),
+        }
+    }
+    tracing::debug!(room = %room.id, "room task ends");
+}
+
+impl Room {
+    /// Learns the room's last sequence, after subscribing, so nothing falls
+    /// between the two.
+    async fn init(&mut self) -> Option<u64> {
+        if self.last.is_none() {
+            match directget::last_seq(&self.deps.stream, &self.subject).await {
+                Ok(seq) => self.last = Some(seq),
+                Err(e) => {
+                    tracing::warn!(room = %self.id, error = %e, "cannot read the room's last seq")
+                }
+            }
+        }
+        self.last
+    }
+
+    async fn command(&mut self, cmd: RoomCmd) {
+        match cmd {
+            RoomCmd::Join { conn, reply } => {
+                let answer = match self.init().await {
+                    Some(last) => {
+                        self.members.insert(
+                            conn.id,
+                            Member {
+                                conn,
+                                cursor: last,
+                                buffer: Some(Vec::new()),
+                            },
+                        );
+                        Ok(last)
+                    }
+                    None => Err(ReadError::TimedOut),
+                };
+                let _ = reply.send(answer);
+            }
+            RoomCmd::CaughtUp { conn_id, cursor } => {
+                if let Some(m) = self.members.get_mut(&conn_id) {
+                    m.cursor = m.cursor.max(cursor);
+                    for (seq, frame) in m.buffer.take().unwrap_or_default() {
+                        if seq > m.cursor {
+                            m.cursor = seq;
+                            m.conn.deliver(frame);
+                        }
+                    }
+                }
+            }
+            RoomCmd::Leave { conn_id } => {
+                self.members.remove(&conn_id);
+            }
+        }
+    }
+
+    async fn on_live(&mut self, msg: Message) {
+        self.live_seen += 1;
+        let drop_every = self.deps.drop_live_every;
+        if drop_every > 0 && self.live_seen % drop_every == 0 {
+            return; // test hook: as if the republish never arrived
+        }
+        let Some((seq, prev)) = sequence_headers(&msg) else {
+            tracing::warn!(room = %self.id, "republished message without sequence headers");
+            return;
+        };
+        let Some(last) = self.init().await else {
+            return;
+        };
+        if seq <= last {
+            return; // already delivered (repair got there first)
+        }
+        if prev > last {
+            match directget::range(&self.deps.nats, &self.subject, last, seq).await {
+                Ok(missing) => {
+                    tracing::debug!(room = %self.id, from = last, to = seq, n = missing.len(), "gap repaired");
+                    for m in missing {
+                        self.deliver(m.seq, &m.payload);
+                    }
+                }
+                Err(e) => {
+                    // Cannot fill the gap: members reconnect and resume from their
+                    // last seq, which reads the stream; nothing is skipped silently.
+                    tracing::error!(room = %self.id, error = %e, "gap repair failed; asking members to resume");
+                    for m in self.members.values() {
+                        m.conn.close_now(close::RESTARTING);
+                    }
+                }
+            }
+        }
+        self.deliver(seq, &msg.payload);
+    }
+
+    fn deliver(&mut self, seq: u64, payload: &[u8]) {
+        if self.last.is_some_and(|l| seq <= l) {
+            return;
+        }
+        self.last = Some(seq);
+        let Some(frame) = envelope::message_frame(self.id.as_str(), seq, payload) else {
+            tracing::warn!(room = %self.id, seq, "stored message is not a JSON object; skipped");
+            return;
+        };
+        let Ok(frame) = Utf8Bytes::try_from(frame) else {
+            tracing::warn!(room = %self.id, seq, "stored message is not UTF-8; skipped");
+            return;
+        };
+        for m in self.members.values_mut() {
+            match &mut m.buffer {
+                Some(buf) if buf.len() < MAX_BUFFERED => buf.push((seq, frame.clone())),
+                Some(_) => m.conn.close_now(close::SLOW_CONSUMER),
+                None if seq > m.cursor => {
+                    m.cursor = seq;
+                    m.conn.deliver(frame.clone());
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Room events arrive as ready frames; the originating session is skipped.
+    fn on_event(&mut self, msg: Message) {
+        let origin = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(subjects::ORIGIN_SESSION_HEADER))
+            .map(|v| v.as_str());
+        let Ok(frame) = Utf8Bytes::try_from(msg.payload) else {
+            return;
+        };
+        for m in self.members.values() {
+            if Some(m.conn.session.as_str()) != origin {
+                m.conn.deliver(frame.clone());
+            }
+        }
+    }
+}
+
+fn sequence_headers(msg: &Message) -> Option<(u64, u64)> {
+    let h = msg.headers.as_ref()?;
+    let seq = h.get("Nats-Sequence")?.as_str().parse().ok()?;
+    let prev = h
+        .get("Nats-Last-Sequence")
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(0);
+    Some((seq, prev))
+}
