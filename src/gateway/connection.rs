@@ -82,8 +82,21 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>) {
     for room in session.rooms.drain() {
         state.hub.leave(&room, conn.id);
     }
-    conn.close_now(close::NORMAL);
-    let _ = writer.await;
+    // Let the writer flush what is queued (an error frame, a close code),
+    // but never wait long on a client that does not read.
+    let mut writer = writer;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        conn.close_after_queue(close::NORMAL, ""),
+    )
+    .await;
+    if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+        .await
+        .is_err()
+    {
+        conn.close_now(close::NORMAL);
+        let _ = writer.await;
+    }
 }
 
 type Reader = futures::stream::SplitStream<WebSocket>;
@@ -238,10 +251,15 @@ impl Session<'_> {
                 Some(Ok(Message::Close(_))) | None => return,
                 Some(Err(e)) => {
                     tracing::debug!(conn = self.conn.id, error = %e, "socket read failed");
-                    // Oversized frames end here: tell the client if we still can.
-                    if e.to_string().contains("too long") || e.to_string().contains("too big") {
+                    // An oversized frame ends the read side: tell the client if we still can.
+                    let inner = e.into_inner();
+                    if let Some(tungstenite::Error::Capacity(_)) =
+                        inner.downcast_ref::<tungstenite::Error>()
+                    {
                         self.error(Code::TooLarge, "frame", "frame too large").await;
-                        self.conn.close_after_queue(1009, "frame too large").await;
+                        self.conn
+                            .close_after_queue(close::TOO_BIG, "frame too large")
+                            .await;
                     }
                     return;
                 }

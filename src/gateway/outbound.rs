@@ -17,6 +17,7 @@ use crate::ids::UserId;
 /// Close codes of the protocol.
 pub mod close {
     pub const NORMAL: u16 = 1000;
+    pub const TOO_BIG: u16 = 1009;
     pub const RESTARTING: u16 = 1012;
     pub const UNAUTHORIZED: u16 = 4001;
     pub const SLOW_CONSUMER: u16 = 4008;

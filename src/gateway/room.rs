@@ -20,6 +20,9 @@ use crate::{
     ids::RoomId,
 };
 
+/// Quiet time after live traffic before the tail of the room is checked.
+const TAIL_CHECK_AFTER: std::time::Duration = std::time::Duration::from_millis(750);
+
 /// Most live frames held for a member while it replays history.
 const MAX_BUFFERED: usize = 20_000;
 
@@ -89,6 +92,12 @@ pub async fn run(id: RoomId, deps: RoomDeps, mut cmds: mpsc::UnboundedReceiver<R
         live_seen: 0,
     };
     room.init().await;
+    // Armed after live traffic: once the room is quiet, check that nothing
+    // after the last delivered message was lost (a gap at the tail has no
+    // later message to reveal it).
+    let tail_check = tokio::time::sleep(TAIL_CHECK_AFTER);
+    tokio::pin!(tail_check);
+    let mut armed = false;
     loop {
         tokio::select! {
             biased;
@@ -96,8 +105,16 @@ pub async fn run(id: RoomId, deps: RoomDeps, mut cmds: mpsc::UnboundedReceiver<R
                 Some(cmd) => room.command(cmd).await,
                 None => break,
             },
-            Some(msg) = live.next() => room.on_live(msg).await,
+            Some(msg) = live.next() => {
+                room.on_live(msg).await;
+                tail_check.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK_AFTER);
+                armed = true;
+            }
             Some(msg) = events.next() => room.on_event(msg),
+            _ = &mut tail_check, if armed => {
+                armed = false;
+                room.check_tail().await;
+            }
         }
     }
     tracing::debug!(room = %room.id, "room task ends");
@@ -157,7 +174,7 @@ impl Room {
     async fn on_live(&mut self, msg: Message) {
         self.live_seen += 1;
         let drop_every = self.deps.drop_live_every;
-        if drop_every > 0 && self.live_seen % drop_every == 0 {
+        if drop_every > 0 && self.live_seen.is_multiple_of(drop_every) {
             return; // test hook: as if the republish never arrived
         }
         let Some((seq, prev)) = sequence_headers(&msg) else {
@@ -171,24 +188,39 @@ impl Room {
             return; // already delivered (repair got there first)
         }
         if prev > last {
-            match directget::range(&self.deps.nats, &self.subject, last, seq).await {
-                Ok(missing) => {
-                    tracing::debug!(room = %self.id, from = last, to = seq, n = missing.len(), "gap repaired");
-                    for m in missing {
-                        self.deliver(m.seq, &m.payload);
-                    }
+            self.repair(last, seq).await;
+        }
+        self.deliver(seq, &msg.payload);
+    }
+
+    /// Repairs a lost message at the tail (nothing later arrived to show the gap).
+    async fn check_tail(&mut self) {
+        let Some(last) = self.last else { return };
+        match directget::last_seq(&self.deps.stream, &self.subject).await {
+            Ok(tail) if tail > last => self.repair(last, tail + 1).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(room = %self.id, error = %e, "tail check failed"),
+        }
+    }
+
+    /// Delivers every stored message with `after < seq < before`.
+    async fn repair(&mut self, after: u64, before: u64) {
+        match directget::range(&self.deps.nats, &self.subject, after, before).await {
+            Ok(missing) => {
+                tracing::debug!(room = %self.id, after, before, n = missing.len(), "gap repaired");
+                for m in missing {
+                    self.deliver(m.seq, &m.payload);
                 }
-                Err(e) => {
-                    // Cannot fill the gap: members reconnect and resume from their
-                    // last seq, which reads the stream; nothing is skipped silently.
-                    tracing::error!(room = %self.id, error = %e, "gap repair failed; asking members to resume");
-                    for m in self.members.values() {
-                        m.conn.close_now(close::RESTARTING);
-                    }
+            }
+            Err(e) => {
+                // Cannot fill the gap: members reconnect and resume from their
+                // last seq, which reads the stream; nothing is skipped silently.
+                tracing::error!(room = %self.id, error = %e, "gap repair failed; asking members to resume");
+                for m in self.members.values() {
+                    m.conn.close_now(close::RESTARTING);
                 }
             }
         }
-        self.deliver(seq, &msg.payload);
     }
 
     fn deliver(&mut self, seq: u64, payload: &[u8]) {

@@ -1,0 +1,9 @@
+//! One integration binary against real servers: a nats-server and a fresh
+//! PostgreSQL database per test.
+
+mod helpers;
+
+mod bad_input;
+mod cli;
+mod http_api;
+mod messaging;
