@@ -56,10 +56,8 @@ impl Verifier {
     pub fn from_settings(s: &JwtSettings) -> anyhow::Result<Self> {
         let key = match s.jwt_alg {
             JwtAlg::Hs256 => {
-                let secret = s
-                    .jwt_secret
-                    .as_ref()
-                    .context("NATTER_JWT_SECRET is required with NATTER_JWT_ALG=HS256")?;
+                let secret =
+                    s.jwt_secret.as_ref().context("NATTER_JWT_SECRET is required with NATTER_JWT_ALG=HS256")?;
                 if secret.expose().len() < 16 {
                     bail!("NATTER_JWT_SECRET must be at least 16 bytes");
                 }
@@ -70,20 +68,14 @@ impl Verifier {
                     .jwt_public_key
                     .as_ref()
                     .context("NATTER_JWT_PUBLIC_KEY (a PEM file) is required with an asymmetric NATTER_JWT_ALG")?;
-                let pem = std::fs::read(path).with_context(|| {
-                    format!("NATTER_JWT_PUBLIC_KEY: cannot read {}", path.display())
-                })?;
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("NATTER_JWT_PUBLIC_KEY: cannot read {}", path.display()))?;
                 let key = match alg {
                     JwtAlg::Rs256 => DecodingKey::from_rsa_pem(&pem),
                     JwtAlg::Es256 => DecodingKey::from_ec_pem(&pem),
                     _ => DecodingKey::from_ed_pem(&pem),
                 };
-                key.with_context(|| {
-                    format!(
-                        "NATTER_JWT_PUBLIC_KEY: {} is not a usable PEM key",
-                        path.display()
-                    )
-                })?
+                key.with_context(|| format!("NATTER_JWT_PUBLIC_KEY: {} is not a usable PEM key", path.display()))?
             }
         };
         let mut validation = Validation::new(algorithm(s.jwt_alg));
@@ -96,26 +88,17 @@ impl Verifier {
     /// Verifies signature, algorithm and expiry, and that `sub` is a valid user id.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
-            |e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                other => AuthError::Invalid(format!("{other:?}")),
-            },
-        )?;
-        let user =
-            UserId::parse(&data.claims.sub).map_err(|e| AuthError::Invalid(e.to_string()))?;
-        Ok(Identity {
-            user,
-            exp: data.claims.exp,
-        })
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            other => AuthError::Invalid(format!("{other:?}")),
+        })?;
+        let user = UserId::parse(&data.claims.sub).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        Ok(Identity { user, exp: data.claims.exp })
     }
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 /// Mints tokens (the `token` subcommand, tests and the load generator).
@@ -126,25 +109,15 @@ pub struct Signer {
 
 impl Signer {
     pub fn hs256(secret: &str) -> Self {
-        Self {
-            key: EncodingKey::from_secret(secret.as_bytes()),
-            header: Header::new(Algorithm::HS256),
-        }
+        Self { key: EncodingKey::from_secret(secret.as_bytes()), header: Header::new(Algorithm::HS256) }
     }
 
-    pub fn from_settings(
-        s: &JwtSettings,
-        private_key: Option<&std::path::Path>,
-    ) -> anyhow::Result<Self> {
+    pub fn from_settings(s: &JwtSettings, private_key: Option<&std::path::Path>) -> anyhow::Result<Self> {
         if s.jwt_alg == JwtAlg::Hs256 {
-            let secret = s
-                .jwt_secret
-                .as_ref()
-                .context("NATTER_JWT_SECRET is required with NATTER_JWT_ALG=HS256")?;
+            let secret = s.jwt_secret.as_ref().context("NATTER_JWT_SECRET is required with NATTER_JWT_ALG=HS256")?;
             return Ok(Self::hs256(secret.expose()));
         }
-        let path = private_key
-            .context("NATTER_JWT_PRIVATE_KEY (a PEM file) is required to mint asymmetric tokens")?;
+        let path = private_key.context("NATTER_JWT_PRIVATE_KEY (a PEM file) is required to mint asymmetric tokens")?;
         let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let key = match s.jwt_alg {
             JwtAlg::Rs256 => EncodingKey::from_rsa_pem(&pem),
@@ -152,18 +125,11 @@ impl Signer {
             _ => EncodingKey::from_ed_pem(&pem),
         }
         .with_context(|| format!("{} is not a usable PEM private key", path.display()))?;
-        Ok(Self {
-            key,
-            header: Header::new(algorithm(s.jwt_alg)),
-        })
+        Ok(Self { key, header: Header::new(algorithm(s.jwt_alg)) })
     }
 
     pub fn mint(&self, user: &str, ttl: Duration, name: Option<String>) -> anyhow::Result<String> {
-        let claims = Claims {
-            sub: user.to_owned(),
-            exp: unix_now() + ttl.as_secs(),
-            name,
-        };
+        let claims = Claims { sub: user.to_owned(), exp: unix_now() + ttl.as_secs(), name };
         Ok(jsonwebtoken::encode(&self.header, &claims, &self.key)?)
     }
 }
@@ -186,9 +152,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let t = Signer::hs256(SECRET)
-            .mint("alice", Duration::from_secs(60), None)
-            .unwrap();
+        let t = Signer::hs256(SECRET).mint("alice", Duration::from_secs(60), None).unwrap();
         assert_eq!(verifier().verify(&t).unwrap().user.as_str(), "alice");
     }
 
@@ -197,19 +161,13 @@ mod tests {
         let v = verifier();
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &Claims {
-                sub: "alice".into(),
-                exp: unix_now() - 120,
-                name: None,
-            },
+            &Claims { sub: "alice".into(), exp: unix_now() - 120, name: None },
             &EncodingKey::from_secret(SECRET.as_bytes()),
         )
         .unwrap();
         assert!(matches!(v.verify(&expired), Err(AuthError::Expired)));
 
-        let other = Signer::hs256("another-secret-of-16+")
-            .mint("alice", Duration::from_secs(60), None)
-            .unwrap();
+        let other = Signer::hs256("another-secret-of-16+").mint("alice", Duration::from_secs(60), None).unwrap();
         assert!(matches!(v.verify(&other), Err(AuthError::Invalid(_))));
 
         // alg:none — header and claims, empty signature.
@@ -222,9 +180,7 @@ mod tests {
         );
         assert!(v.verify(&none).is_err());
 
-        let bad_sub = Signer::hs256(SECRET)
-            .mint("a.b", Duration::from_secs(60), None)
-            .unwrap();
+        let bad_sub = Signer::hs256(SECRET).mint("a.b", Duration::from_secs(60), None).unwrap();
         assert!(v.verify(&bad_sub).is_err());
     }
 }

@@ -41,12 +41,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, Args)]
 pub struct LogSettings {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `natter=debug`).
-    #[arg(
-        long = "log",
-        env = "NATTER_LOG",
-        default_value = "info",
-        global = true
-    )]
+    #[arg(long = "log", env = "NATTER_LOG", default_value = "info", global = true)]
     pub level: String,
     /// Log format.
     #[arg(long = "log-format", env = "NATTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
@@ -145,13 +140,21 @@ pub struct GatewaySettings {
     /// Frames queued per connection before it counts as a slow consumer.
     #[arg(long, env = "NATTER_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
+    /// Lifetime of a gateway's presence entries unless its heartbeat refreshes
+    /// them (a crashed gateway's users go offline after this).
+    #[arg(long, env = "NATTER_PRESENCE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub presence_ttl: Duration,
+    /// How long after a user's last session closes before they show offline.
+    #[arg(long, env = "NATTER_PRESENCE_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub presence_grace: Duration,
+    /// Most users one connection may watch with `presence_sub`.
+    #[arg(long, env = "NATTER_PRESENCE_SUB_MAX", default_value_t = 1000)]
+    pub presence_sub_max: usize,
+    /// Typing frames per second per user and room (more are dropped).
+    #[arg(long, env = "NATTER_TYPING_PER_SEC", default_value_t = 2)]
+    pub typing_per_sec: u32,
     /// Test hook: drop every Nth live delivery before gap detection (0 = off).
-    #[arg(
-        long,
-        env = "NATTER_FAULT_DROP_LIVE_EVERY",
-        default_value_t = 0,
-        hide = true
-    )]
+    #[arg(long, env = "NATTER_FAULT_DROP_LIVE_EVERY", default_value_t = 0, hide = true)]
     pub fault_drop_live_every: u64,
 }
 
@@ -171,17 +174,7 @@ fn hostname() -> String {
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .map(|h| {
-            h.trim()
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '-' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .take(64)
-                .collect()
+            h.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(64).collect()
         })
         .filter(|h: &String| !h.is_empty())
         .unwrap_or_else(|| "natter".to_owned())

@@ -48,10 +48,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
     pub fn bad_request(m: impl Into<String>) -> Self {
         Self::new(Code::BadRequest, m)
@@ -75,10 +72,7 @@ impl ApiError {
     /// NATS or PostgreSQL is not reachable right now; the client may retry.
     pub fn unavailable(what: &str, cause: impl std::fmt::Display) -> Self {
         tracing::warn!(error = %cause, "{what} unavailable");
-        Self::new(
-            Code::Unavailable,
-            format!("{what} is unavailable, retry later"),
-        )
+        Self::new(Code::Unavailable, format!("{what} is unavailable, retry later"))
     }
 }
 
@@ -111,12 +105,7 @@ struct Inner<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body {
-            error: Inner {
-                code: self.code,
-                message: &self.message,
-            },
-        };
+        let body = Body { error: Inner { code: self.code, message: &self.message } };
         (self.code.status(), Json(body)).into_response()
     }
 }

@@ -16,10 +16,7 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(&cli.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("natter: cannot start the runtime: {e}");
@@ -40,10 +37,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Gateway(settings) => {
             let stop = CancellationToken::new();
             shutdown::on_signal(stop.clone());
-            Gateway::build(*settings)
-                .await?
-                .run_until_stopped(stop)
-                .await
+            Gateway::build(*settings).await?.run_until_stopped(stop).await
         }
         Command::Migrate(s) => {
             let applied = db::migrate(&s.db).await?;

@@ -40,29 +40,14 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 pub const MAX_BATCH: usize = 512;
 
 /// Up to `batch` messages on `subject` with sequence ≥ `from`, in order.
-pub async fn next_batch(
-    client: &Client,
-    subject: &str,
-    from: u64,
-    batch: usize,
-) -> Result<Vec<Stored>, ReadError> {
+pub async fn next_batch(client: &Client, subject: &str, from: u64, batch: usize) -> Result<Vec<Stored>, ReadError> {
     let inbox = client.new_inbox();
-    let mut sub = client
-        .subscribe(inbox.clone())
-        .await
-        .map_err(|e| ReadError::Nats(e.to_string()))?;
-    let req = serde_json::to_vec(&BatchRequest {
-        seq: from.max(1),
-        next_by_subj: subject,
-        batch: batch.clamp(1, MAX_BATCH),
-    })
-    .expect("serialisable");
+    let mut sub = client.subscribe(inbox.clone()).await.map_err(|e| ReadError::Nats(e.to_string()))?;
+    let req =
+        serde_json::to_vec(&BatchRequest { seq: from.max(1), next_by_subj: subject, batch: batch.clamp(1, MAX_BATCH) })
+            .expect("serialisable");
     client
-        .publish_with_reply(
-            subjects::direct_get(subjects::CHAT_STREAM),
-            inbox,
-            req.into(),
-        )
+        .publish_with_reply(subjects::direct_get(subjects::CHAT_STREAM), inbox, req.into())
         .await
         .map_err(|e| ReadError::Nats(e.to_string()))?;
     let mut out = Vec::new();
@@ -83,10 +68,7 @@ pub async fn next_batch(
             .and_then(|h| h.get("Nats-Sequence"))
             .and_then(|v| v.as_str().parse::<u64>().ok())
             .ok_or_else(|| ReadError::Nats("direct get reply without Nats-Sequence".into()))?;
-        out.push(Stored {
-            seq,
-            payload: msg.payload,
-        });
+        out.push(Stored { seq, payload: msg.payload });
         if out.len() >= batch {
             break;
         }
@@ -95,18 +77,11 @@ pub async fn next_batch(
 }
 
 /// Every message on `subject` with `after < seq < before`, in order.
-pub async fn range(
-    client: &Client,
-    subject: &str,
-    after: u64,
-    before: u64,
-) -> Result<Vec<Stored>, ReadError> {
+pub async fn range(client: &Client, subject: &str, after: u64, before: u64) -> Result<Vec<Stored>, ReadError> {
     let mut out = Vec::new();
     let mut from = after + 1;
     while from < before {
-        let want = usize::try_from(before - from)
-            .unwrap_or(MAX_BATCH)
-            .min(MAX_BATCH);
+        let want = usize::try_from(before - from).unwrap_or(MAX_BATCH).min(MAX_BATCH);
         let got = next_batch(client, subject, from, want).await?;
         let done = got.len() < want;
         for m in got {

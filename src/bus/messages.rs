@@ -51,9 +51,7 @@ pub async fn publish(
         attachment: m.attachment,
     };
     let payload = serde_json::to_vec(&stored).expect("serialisable");
-    let publish = PublishMessage::build()
-        .payload(payload.into())
-        .message_id(format!("{}:{}", m.from, m.id));
+    let publish = PublishMessage::build().payload(payload.into()).message_id(format!("{}:{}", m.from, m.id));
     let fut = js
         .send_publish(subjects::room_msg(m.room), publish)
         .await
@@ -67,25 +65,13 @@ pub async fn confirm(
     ts: i64,
     fut: jetstream::context::PublishAckFuture,
 ) -> Result<Published, PublishError> {
-    let ack = fut
-        .await
-        .map_err(|e| PublishError::NotStored(e.to_string()))?;
+    let ack = fut.await.map_err(|e| PublishError::NotStored(e.to_string()))?;
     if !ack.duplicate {
-        return Ok(Published {
-            seq: ack.sequence,
-            ts,
-            duplicate: false,
-        });
+        return Ok(Published { seq: ack.sequence, ts, duplicate: false });
     }
     let original_ts = match stream.direct_get(ack.sequence).await {
-        Ok(m) => serde_json::from_slice::<StoredMessage>(&m.payload)
-            .map(|s| s.ts)
-            .unwrap_or(ts),
+        Ok(m) => serde_json::from_slice::<StoredMessage>(&m.payload).map(|s| s.ts).unwrap_or(ts),
         Err(_) => ts,
     };
-    Ok(Published {
-        seq: ack.sequence,
-        ts: original_ts,
-        duplicate: true,
-    })
+    Ok(Published { seq: ack.sequence, ts: original_ts, duplicate: true })
 }

@@ -5,6 +5,7 @@
 pub mod directget;
 pub mod envelope;
 pub mod messages;
+pub mod presence;
 pub mod streams;
 pub mod subjects;
 
@@ -20,11 +21,7 @@ pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<async_nats:
     let servers: Vec<async_nats::ServerAddr> = s
         .nats_url
         .split(',')
-        .map(|u| {
-            u.trim()
-                .parse()
-                .with_context(|| format!("NATTER_NATS_URL: {u:?} is not a NATS URL"))
-        })
+        .map(|u| u.trim().parse().with_context(|| format!("NATTER_NATS_URL: {u:?} is not a NATS URL")))
         .collect::<anyhow::Result<_>>()?;
     async_nats::ConnectOptions::new()
         .name(name)

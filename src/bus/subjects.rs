@@ -42,3 +42,28 @@ pub fn direct_get(stream: &str) -> String {
 
 /// Header with the session that caused a room event (so it is not echoed back).
 pub const ORIGIN_SESSION_HEADER: &str = "Natter-Session";
+/// Header with the user who is typing (their own sessions are skipped).
+pub const ORIGIN_USER_HEADER: &str = "Natter-User";
+
+/// The presence KV bucket: key `<user>.<node>`.
+pub const PRESENCE_BUCKET: &str = "presence";
+/// The stream behind the presence bucket.
+pub const PRESENCE_STREAM: &str = "KV_presence";
+/// The bucket republishes every change (including expiry markers) here.
+pub const PRESENCE_REPUBLISH_SRC: &str = "$KV.presence.>";
+pub const PRESENCE_REPUBLISH_DEST: &str = "presence.evt.>";
+
+/// The KV subject of one user's entry on one node.
+pub fn presence_key(user: &UserId, node: &crate::ids::NodeId) -> String {
+    format!("$KV.presence.{user}.{node}")
+}
+
+/// Every node's entry of one user, in the bucket (for multi-last reads).
+pub fn presence_keys_of(user: &UserId) -> String {
+    format!("$KV.presence.{user}.>")
+}
+
+/// Republished changes of one user's entries.
+pub fn presence_events_of(user: &UserId) -> String {
+    format!("presence.evt.{user}.>")
+}

@@ -30,31 +30,20 @@ pub async fn connect(s: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options(&s.database_url)?)
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to PostgreSQL at {}",
-                redact(&s.database_url)
-            )
-        })?;
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(&s.database_url)))?;
     check_schema(&pool).await?;
     Ok(pool)
 }
 
 async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
-    let applied: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(pool)
-            .await
-            .unwrap_or_default();
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
     let applied: HashSet<i64> = applied.into_iter().collect();
-    let missing = MIGRATOR
-        .iter()
-        .filter(|m| !applied.contains(&m.version))
-        .count();
+    let missing = MIGRATOR.iter().filter(|m| !applied.contains(&m.version)).count();
     if missing > 0 {
-        bail!(
-            "the database schema is behind this binary by {missing} migration(s): run `natter migrate`"
-        );
+        bail!("the database schema is behind this binary by {missing} migration(s): run `natter migrate`");
     }
     Ok(())
 }
@@ -64,40 +53,28 @@ pub async fn migrate(s: &DatabaseSettings) -> anyhow::Result<usize> {
     let opts = options(&s.database_url)?;
     let name = opts.get_database().unwrap_or("postgres").to_owned();
     let admin = opts.clone().database("postgres");
-    let mut conn = tokio::time::timeout(
-        Duration::from_secs(5),
-        sqlx::PgConnection::connect_with(&admin),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("timed out"))
-    .and_then(|r| r.map_err(Into::into))
-    .with_context(|| {
-        format!(
-            "cannot connect to PostgreSQL at {}",
-            redact(&s.database_url)
-        )
-    })?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut conn)
-            .await?;
+    let mut conn = tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect_with(&admin))
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out"))
+        .and_then(|r| r.map_err(Into::into))
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(&s.database_url)))?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut conn)
+        .await?;
     if !exists {
         // The name comes from the operator's URL; quote it as an identifier.
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
-            .execute(&mut conn)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}"))).execute(&mut conn).await?;
     }
     conn.close().await.ok();
 
     let mut conn = sqlx::PgConnection::connect_with(&opts).await?;
-    let before: usize =
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM _sqlx_migrations WHERE success")
-            .fetch_one(&mut conn)
-            .await
-            .map(|n| n as usize)
-            .unwrap_or(0);
+    let before: usize = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&mut conn)
+        .await
+        .map(|n| n as usize)
+        .unwrap_or(0);
     MIGRATOR.run(&mut conn).await.context("migration failed")?;
     Ok(MIGRATOR.iter().count().saturating_sub(before))
 }

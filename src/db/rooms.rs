@@ -29,23 +29,18 @@ pub async fn create(
     members: &[UserId],
 ) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO rooms (id, name, created_by) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(room.as_str())
-    .bind(name)
-    .bind(owner.as_str())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let inserted =
+        sqlx::query("INSERT INTO rooms (id, name, created_by) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING")
+            .bind(room.as_str())
+            .bind(name)
+            .bind(owner.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
     if inserted == 0 {
         return Ok(false);
     }
-    let users: Vec<&str> = members
-        .iter()
-        .map(UserId::as_str)
-        .filter(|u| *u != owner.as_str())
-        .collect();
+    let users: Vec<&str> = members.iter().map(UserId::as_str).filter(|u| *u != owner.as_str()).collect();
     sqlx::query(
         "INSERT INTO room_members (room_id, user_id, role)
          SELECT $1, $2, 'owner'
@@ -63,26 +58,16 @@ pub async fn create(
 
 /// The caller's role in a room, if a member.
 pub async fn role(pool: &PgPool, room: &RoomId, user: &UserId) -> sqlx::Result<Option<Role>> {
-    let role: Option<String> =
-        sqlx::query_scalar("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")
-            .bind(room.as_str())
-            .bind(user.as_str())
-            .fetch_optional(pool)
-            .await?;
-    Ok(role.map(|r| {
-        if r == "owner" {
-            Role::Owner
-        } else {
-            Role::Member
-        }
-    }))
+    let role: Option<String> = sqlx::query_scalar("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .fetch_optional(pool)
+        .await?;
+    Ok(role.map(|r| if r == "owner" { Role::Owner } else { Role::Member }))
 }
 
 pub async fn exists(pool: &PgPool, room: &RoomId) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM rooms WHERE id = $1)")
-        .bind(room.as_str())
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM rooms WHERE id = $1)").bind(room.as_str()).fetch_one(pool).await
 }
 
 /// Rooms of a user, most recently joined first.
@@ -106,14 +91,12 @@ pub async fn members(pool: &PgPool, room: &RoomId) -> sqlx::Result<Vec<String>> 
 
 /// Adds a member; `false` if already one.
 pub async fn add_member(pool: &PgPool, room: &RoomId, user: &UserId) -> sqlx::Result<bool> {
-    let n = sqlx::query(
-        "INSERT INTO room_members (room_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(room.as_str())
-    .bind(user.as_str())
-    .execute(pool)
-    .await?
-    .rows_affected();
+    let n = sqlx::query("INSERT INTO room_members (room_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .execute(pool)
+        .await?
+        .rows_affected();
     Ok(n == 1)
 }
 
@@ -130,12 +113,7 @@ pub async fn remove_member(pool: &PgPool, room: &RoomId, user: &UserId) -> sqlx:
 
 /// Moves the read marker forward (never back). Returns the marker now stored,
 /// or `None` when the user is not a member.
-pub async fn mark_read(
-    pool: &PgPool,
-    room: &RoomId,
-    user: &UserId,
-    seq: u64,
-) -> sqlx::Result<Option<i64>> {
+pub async fn mark_read(pool: &PgPool, room: &RoomId, user: &UserId, seq: u64) -> sqlx::Result<Option<i64>> {
     sqlx::query_scalar(
         "UPDATE room_members SET last_read_seq = GREATEST(last_read_seq, $3)
          WHERE room_id = $1 AND user_id = $2 RETURNING last_read_seq",

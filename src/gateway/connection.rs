@@ -17,6 +17,7 @@ use super::{
 };
 use crate::{
     auth::{AuthError, Identity, unix_now},
+    bus::presence::Status,
     bus::{
         directget, envelope,
         envelope::Kind,
@@ -24,8 +25,10 @@ use crate::{
         subjects,
     },
     error::{ApiError, Code},
-    ids::{ClientMsgId, RoomId},
+    ids::{ClientMsgId, RoomId, UserId},
 };
+
+use super::users::UserEvent;
 
 /// Frames coalesced into one socket write.
 const WRITE_BATCH: usize = 64;
@@ -45,22 +48,15 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>) {
                 retry_after_ms: None,
             };
             let _ = sink.send(Message::Text(frame.encode())).await;
-            let _ = sink
-                .send(close_msg(close::UNAUTHORIZED, "unauthorized"))
-                .await;
+            let _ = sink.send(close_msg(close::UNAUTHORIZED, "unauthorized")).await;
             return;
         }
     };
 
     let session = uuid::Uuid::new_v4().simple().to_string();
-    let conn = ConnHandle::new(state.next_conn_id(), session, identity.user.clone(), tx);
-    let writer = tokio::spawn(write_loop(
-        sink,
-        rx,
-        conn.clone(),
-        state.shutdown.clone(),
-        state.settings.heartbeat,
-    ));
+    let (events_tx, events_rx) = mpsc::channel(16);
+    let conn = ConnHandle::new(state.next_conn_id(), session, identity.user.clone(), tx, events_tx);
+    let writer = tokio::spawn(write_loop(sink, rx, conn.clone(), state.shutdown.clone(), state.settings.heartbeat));
     conn.send(
         ServerFrame::Welcome {
             user: conn.user.as_str(),
@@ -72,28 +68,25 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>) {
     )
     .await;
 
+    state.presence.session_started(&conn.user, conn.id);
+    state.users.register(&conn);
+
     let mut session = Session {
         state: &state,
         conn: conn.clone(),
         exp: identity.exp,
         rooms: HashSet::new(),
+        typing_in: HashSet::new(),
+        watching: HashSet::new(),
+        events: events_rx,
     };
     session.run(&mut stream).await;
-    for room in session.rooms.drain() {
-        state.hub.leave(&room, conn.id);
-    }
+    session.finish().await;
     // Let the writer flush what is queued (an error frame, a close code),
     // but never wait long on a client that does not read.
     let mut writer = writer;
-    let _ = tokio::time::timeout(
-        Duration::from_secs(2),
-        conn.close_after_queue(close::NORMAL, ""),
-    )
-    .await;
-    if tokio::time::timeout(Duration::from_secs(2), &mut writer)
-        .await
-        .is_err()
-    {
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close_after_queue(close::NORMAL, "")).await;
+    if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
         conn.close_now(close::NORMAL);
         let _ = writer.await;
     }
@@ -102,11 +95,7 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>) {
 type Reader = futures::stream::SplitStream<WebSocket>;
 
 /// Waits for `hello` (or uses the upgrade's bearer token).
-async fn handshake(
-    state: &AppState,
-    stream: &mut Reader,
-    bearer: Option<String>,
-) -> Result<Identity, String> {
+async fn handshake(state: &AppState, stream: &mut Reader, bearer: Option<String>) -> Result<Identity, String> {
     let token = match bearer {
         Some(t) => t,
         None => {
@@ -130,10 +119,7 @@ async fn handshake(
 }
 
 fn close_msg(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
+    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
 }
 
 async fn write_loop(
@@ -216,16 +202,26 @@ struct Session<'a> {
     conn: Arc<ConnHandle>,
     exp: u64,
     rooms: HashSet<RoomId>,
+    /// Rooms where this connection last said it is typing.
+    typing_in: HashSet<RoomId>,
+    /// Users whose presence this connection watches.
+    watching: HashSet<UserId>,
+    events: mpsc::Receiver<UserEvent>,
 }
 
 impl Session<'_> {
     async fn run(&mut self, stream: &mut Reader) {
         loop {
-            let expiry =
-                tokio::time::sleep(Duration::from_secs(self.exp.saturating_sub(unix_now())));
+            let expiry = tokio::time::sleep(Duration::from_secs(self.exp.saturating_sub(unix_now())));
             let frame = tokio::select! {
                 biased;
                 _ = self.conn.killed().cancelled() => return,
+                Some(ev) = self.events.recv() => {
+                    if !self.user_event(ev).await {
+                        return;
+                    }
+                    continue;
+                }
                 _ = expiry => {
                     self.error(Code::Unauthorized, "token", "token expired").await;
                     self.conn.close_after_queue(close::UNAUTHORIZED, "token expired").await;
@@ -240,12 +236,7 @@ impl Session<'_> {
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    self.error(
-                        Code::BadRequest,
-                        "frame",
-                        "binary frames are not supported; send JSON text",
-                    )
-                    .await
+                    self.error(Code::BadRequest, "frame", "binary frames are not supported; send JSON text").await
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Close(_))) | None => return,
@@ -253,13 +244,9 @@ impl Session<'_> {
                     tracing::debug!(conn = self.conn.id, error = %e, "socket read failed");
                     // An oversized frame ends the read side: tell the client if we still can.
                     let inner = e.into_inner();
-                    if let Some(tungstenite::Error::Capacity(_)) =
-                        inner.downcast_ref::<tungstenite::Error>()
-                    {
+                    if let Some(tungstenite::Error::Capacity(_)) = inner.downcast_ref::<tungstenite::Error>() {
                         self.error(Code::TooLarge, "frame", "frame too large").await;
-                        self.conn
-                            .close_after_queue(close::TOO_BIG, "frame too large")
-                            .await;
+                        self.conn.close_after_queue(close::TOO_BIG, "frame too large").await;
                     }
                     return;
                 }
@@ -267,18 +254,79 @@ impl Session<'_> {
         }
     }
 
-    async fn error(&self, code: Code, reference: &str, message: &str) {
-        self.conn
-            .send(
-                ServerFrame::Error {
-                    code,
-                    reference,
-                    message,
-                    retry_after_ms: None,
+    /// Leaves every room, stops typing, drops presence watches and this
+    /// session's share of the user's presence.
+    async fn finish(&mut self) {
+        let state = self.state;
+        for room in std::mem::take(&mut self.typing_in) {
+            let _ = publish_typing(state, &room, &self.conn.user, false).await;
+        }
+        for room in self.rooms.drain() {
+            state.hub.leave(&room, self.conn.id);
+        }
+        state.presence.unwatch(self.conn.id, &self.watching);
+        state.presence.session_ended(&self.conn.user, self.conn.id);
+        state.users.unregister(&self.conn);
+    }
+
+    /// Acts on an event for this user; `false` ends the connection.
+    async fn user_event(&mut self, ev: UserEvent) -> bool {
+        match ev {
+            UserEvent::RoomAdded { room, by } => {
+                let f = serde_json::json!({"type": "room_added", "room": room, "by": by});
+                self.conn.send(Utf8Bytes::from(f.to_string())).await;
+            }
+            UserEvent::RoomRemoved { room, by } => {
+                if self.rooms.remove(&room) {
+                    self.state.hub.leave(&room, self.conn.id);
                 }
-                .encode(),
-            )
-            .await;
+                self.typing_in.remove(&room);
+                let f = serde_json::json!({"type": "room_removed", "room": room, "by": by});
+                self.conn.send(Utf8Bytes::from(f.to_string())).await;
+            }
+            UserEvent::SessionRevoked { session } => {
+                if session.is_none_or(|s| s == self.conn.session) {
+                    self.error(Code::Unauthorized, "session", "session revoked").await;
+                    self.conn.close_after_queue(close::UNAUTHORIZED, "session revoked").await;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    async fn typing(&mut self, room: &str, active: bool) -> Result<(), ApiError> {
+        let room = self.member_room(room).await?;
+        let was = self.typing_in.contains(&room);
+        // Starting again while already typing is rate limited; a change never is.
+        if active && was && self.state.typing_limit.check_key(&(self.conn.user.clone(), room.clone())).is_err() {
+            return Ok(());
+        }
+        if !active && !was {
+            return Ok(());
+        }
+        if active {
+            self.typing_in.insert(room.clone());
+        } else {
+            self.typing_in.remove(&room);
+        }
+        publish_typing(self.state, &room, &self.conn.user, active).await
+    }
+
+    async fn presence_sub(&mut self, users: &[String]) -> Result<(), ApiError> {
+        let users = users.iter().map(|u| UserId::parse(u)).collect::<Result<Vec<_>, _>>()?;
+        let new: Vec<UserId> =
+            users.into_iter().filter(|u| !self.watching.contains(u)).collect::<HashSet<_>>().into_iter().collect();
+        let max = self.state.settings.presence_sub_max;
+        if self.watching.len() + new.len() > max {
+            return Err(ApiError::new(Code::TooLarge, format!("at most {max} presence subscriptions per connection")));
+        }
+        self.watching.extend(new.iter().cloned());
+        self.state.presence.watch(&self.conn, &new).await.map_err(|e| ApiError::unavailable("presence", e))
+    }
+
+    async fn error(&self, code: Code, reference: &str, message: &str) {
+        self.conn.send(ServerFrame::Error { code, reference, message, retry_after_ms: None }.encode()).await;
     }
 
     async fn api_error(&self, reference: &str, e: ApiError) {
@@ -295,10 +343,7 @@ impl Session<'_> {
             }
         };
         match frame {
-            ClientFrame::Hello { .. } => {
-                self.error(Code::BadRequest, "hello", "already authenticated")
-                    .await
-            }
+            ClientFrame::Hello { .. } => self.error(Code::BadRequest, "hello", "already authenticated").await,
             ClientFrame::Ping => self.conn.send(ServerFrame::Pong.encode()).await,
             ClientFrame::Join { room, since } => {
                 if let Err(e) = self.join(&room, since).await {
@@ -310,24 +355,11 @@ impl Session<'_> {
                     if self.rooms.remove(&room) {
                         self.state.hub.leave(&room, self.conn.id);
                     }
-                    self.conn
-                        .send(
-                            ServerFrame::Left {
-                                room: room.as_str(),
-                            }
-                            .encode(),
-                        )
-                        .await;
+                    self.conn.send(ServerFrame::Left { room: room.as_str() }.encode()).await;
                 }
                 Err(e) => self.api_error("leave", e.into()).await,
             },
-            ClientFrame::Send {
-                room,
-                id,
-                body,
-                kind,
-                attachment,
-            } => {
+            ClientFrame::Send { room, id, body, kind, attachment } => {
                 let reference: String = id.chars().take(64).collect();
                 if let Err(e) = self.send(&room, &id, body, kind, attachment).await {
                     self.api_error(&reference, e).await;
@@ -339,16 +371,25 @@ impl Session<'_> {
                 }
             }
             ClientFrame::Refresh { token } => return self.refresh(&token).await,
-            ClientFrame::Typing { .. }
-            | ClientFrame::Presence { .. }
-            | ClientFrame::PresenceSub { .. } => {
-                // Presence and typing arrive with the presence work (issue 3).
-                self.error(
-                    Code::BadRequest,
-                    "frame",
-                    "not supported by this gateway yet",
-                )
-                .await
+            ClientFrame::Typing { room, active } => {
+                if let Err(e) = self.typing(&room, active).await {
+                    self.api_error("typing", e).await;
+                }
+            }
+            ClientFrame::Presence { status } => match status.as_str() {
+                "online" => self.state.presence.set_status(&self.conn.user, self.conn.id, Status::Online),
+                "away" => self.state.presence.set_status(&self.conn.user, self.conn.id, Status::Away),
+                _ => self.error(Code::BadRequest, "presence", "status must be online or away").await,
+            },
+            ClientFrame::PresenceSub { users } => {
+                if let Err(e) = self.presence_sub(&users).await {
+                    self.api_error("presence_sub", e).await;
+                }
+            }
+            ClientFrame::PresenceUnsub { users } => {
+                let users: HashSet<UserId> = users.iter().filter_map(|u| UserId::parse(u).ok()).collect();
+                self.watching.retain(|u| !users.contains(u));
+                self.state.presence.unwatch(self.conn.id, &users);
             }
         }
         true
@@ -356,12 +397,7 @@ impl Session<'_> {
 
     async fn member_room(&self, room: &str) -> Result<RoomId, ApiError> {
         let room = RoomId::parse(room)?;
-        if !self
-            .state
-            .membership
-            .is_member(&self.state.db, &room, &self.conn.user)
-            .await?
-        {
+        if !self.state.membership.is_member(&self.state.db, &room, &self.conn.user).await? {
             return Err(ApiError::forbidden("not a member of this room"));
         }
         Ok(room)
@@ -373,21 +409,10 @@ impl Session<'_> {
         if self.rooms.remove(&room) {
             state.hub.leave(&room, self.conn.id); // re-join: start over from `since`
         }
-        let last = state
-            .hub
-            .join(&room, self.conn.clone())
-            .await
-            .map_err(|e| ApiError::unavailable("message stream", e))?;
+        let last =
+            state.hub.join(&room, self.conn.clone()).await.map_err(|e| ApiError::unavailable("message stream", e))?;
         self.rooms.insert(room.clone());
-        self.conn
-            .send(
-                ServerFrame::Joined {
-                    room: room.as_str(),
-                    last_seq: last,
-                }
-                .encode(),
-            )
-            .await;
+        self.conn.send(ServerFrame::Joined { room: room.as_str(), last_seq: last }.encode()).await;
         let mut cursor = last;
         if let Some(since) = since {
             cursor = cursor.max(since);
@@ -396,9 +421,8 @@ impl Session<'_> {
                 match directget::range(&state.nats, &subject, since, last + 1).await {
                     Ok(missed) => {
                         for m in missed {
-                            if let Some(f) =
-                                envelope::message_frame(room.as_str(), m.seq, &m.payload)
-                                    .and_then(|b| Utf8Bytes::try_from(b).ok())
+                            if let Some(f) = envelope::message_frame(room.as_str(), m.seq, &m.payload)
+                                .and_then(|b| Utf8Bytes::try_from(b).ok())
                             {
                                 self.conn.send(f).await;
                             }
@@ -429,14 +453,7 @@ impl Session<'_> {
         let attachment = check_attachment(kind, attachment)?;
         let (ts, fut) = messages::publish(
             &self.state.js,
-            NewMessage {
-                room: &room,
-                from: &self.conn.user,
-                id: &id,
-                body,
-                kind,
-                attachment,
-            },
+            NewMessage { room: &room, from: &self.conn.user, id: &id, body, kind, attachment },
         )
         .await
         .map_err(|e| ApiError::unavailable("message stream", e))?;
@@ -445,13 +462,7 @@ impl Session<'_> {
         let stream = self.state.stream.clone();
         tokio::spawn(async move {
             let frame = match messages::confirm(&stream, ts, fut).await {
-                Ok(p) => ServerFrame::Ack {
-                    id: id.as_str(),
-                    room: room.as_str(),
-                    seq: p.seq,
-                    ts: p.ts,
-                }
-                .encode(),
+                Ok(p) => ServerFrame::Ack { id: id.as_str(), room: room.as_str(), seq: p.seq, ts: p.ts }.encode(),
                 Err(e) => {
                     tracing::warn!(error = %e, "send not stored");
                     ServerFrame::Error {
@@ -470,54 +481,49 @@ impl Session<'_> {
 
     async fn read(&self, room: &str, seq: u64) -> Result<(), ApiError> {
         let room = RoomId::parse(room)?;
-        publish_read(
-            self.state,
-            &room,
-            &self.conn.user,
-            seq,
-            Some(&self.conn.session),
-        )
-        .await
+        publish_read(self.state, &room, &self.conn.user, seq, Some(&self.conn.session)).await
     }
 
     async fn refresh(&mut self, token: &str) -> bool {
         match self.state.verifier.verify(token) {
             Ok(id) if id.user == self.conn.user => {
                 self.exp = id.exp;
-                self.conn
-                    .send(ServerFrame::Refreshed { exp: id.exp }.encode())
-                    .await;
+                self.conn.send(ServerFrame::Refreshed { exp: id.exp }.encode()).await;
                 true
             }
             Ok(_) => {
-                self.error(Code::Forbidden, "refresh", "token is for another user")
-                    .await;
+                self.error(Code::Forbidden, "refresh", "token is for another user").await;
                 true
             }
             Err(AuthError::Expired) => {
-                self.error(Code::Unauthorized, "refresh", "token expired")
-                    .await;
+                self.error(Code::Unauthorized, "refresh", "token expired").await;
                 true
             }
             Err(AuthError::Invalid(_)) => {
-                self.error(Code::Unauthorized, "refresh", "invalid token")
-                    .await;
+                self.error(Code::Unauthorized, "refresh", "invalid token").await;
                 true
             }
         }
     }
 }
 
+/// Publishes a typing frame for the room's other members (core NATS).
+pub async fn publish_typing(state: &AppState, room: &RoomId, user: &UserId, active: bool) -> Result<(), ApiError> {
+    let frame = serde_json::json!({"type": "typing", "room": room, "user": user, "active": active});
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(subjects::ORIGIN_USER_HEADER, user.as_str());
+    state
+        .nats
+        .publish_with_headers(subjects::room_typing(room), headers, Bytes::from(frame.to_string()))
+        .await
+        .map_err(|e| ApiError::unavailable("event bus", e))
+}
+
 /// An image message must name its attachment; a text message must not.
-pub fn check_attachment(
-    kind: Kind,
-    attachment: Option<String>,
-) -> Result<Option<String>, ApiError> {
+pub fn check_attachment(kind: Kind, attachment: Option<String>) -> Result<Option<String>, ApiError> {
     match (kind, attachment) {
         (Kind::Image, Some(a)) => Ok(Some(crate::ids::RoomId::parse(&a).map(|_| a)?)),
-        (Kind::Image, None) => Err(ApiError::bad_request(
-            "an image message needs \"attachment\"",
-        )),
+        (Kind::Image, None) => Err(ApiError::bad_request("an image message needs \"attachment\"")),
         (Kind::Text, Some(_)) => Err(ApiError::bad_request("\"attachment\" needs kind \"image\"")),
         (Kind::Text, None) => Ok(None),
     }
@@ -528,19 +534,14 @@ pub fn check_attachment(
 pub async fn publish_read(
     state: &AppState,
     room: &RoomId,
-    user: &crate::ids::UserId,
+    user: &UserId,
     seq: u64,
     origin_session: Option<&str>,
 ) -> Result<(), ApiError> {
     let stored = crate::db::rooms::mark_read(&state.db, room, user, seq)
         .await?
         .ok_or_else(|| ApiError::forbidden("not a member of this room"))?;
-    let frame = ServerFrame::Read {
-        room: room.as_str(),
-        user: user.as_str(),
-        seq: stored as u64,
-    }
-    .encode();
+    let frame = ServerFrame::Read { room: room.as_str(), user: user.as_str(), seq: stored as u64 }.encode();
     let mut headers = async_nats::HeaderMap::new();
     if let Some(s) = origin_session {
         headers.insert(subjects::ORIGIN_SESSION_HEADER, s);

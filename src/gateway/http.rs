@@ -36,6 +36,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rooms/{id}/members/{user}", delete(remove_member))
         .route("/v1/rooms/{id}/messages", get(history).post(send_message))
         .route("/v1/rooms/{id}/read", post(mark_read))
+        .route("/v1/presence", get(presence))
+        .route("/v1/sessions", delete(revoke_sessions))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(limit))
@@ -55,18 +57,13 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
-        state
-            .verifier
-            .verify(token.trim())
-            .map(Caller)
-            .map_err(|e| ApiError::unauthorized(e.to_string()))
+        state.verifier.verify(token.trim()).map(Caller).map_err(|e| ApiError::unauthorized(e.to_string()))
     }
 }
 
 /// JSON bodies are parsed here so that every failure gets our error body.
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn room_id(raw: &str) -> Result<RoomId, ApiError> {
@@ -87,9 +84,7 @@ async fn require_owner(state: &AppState, room: &RoomId, user: &UserId) -> Result
     match db::rooms::role(&state.db, room, user).await? {
         Some(Role::Owner) => Ok(()),
         Some(Role::Member) => Err(ApiError::forbidden("only the room's owner may do this")),
-        None if db::rooms::exists(&state.db, room).await? => {
-            Err(ApiError::forbidden("not a member of this room"))
-        }
+        None if db::rooms::exists(&state.db, room).await? => Err(ApiError::forbidden("not a member of this room")),
         None => Err(ApiError::not_found("no such room")),
     }
 }
@@ -97,11 +92,7 @@ async fn require_owner(state: &AppState, room: &RoomId, user: &UserId) -> Result
 /// Tells a user's sessions, wherever they are, that their rooms changed.
 async fn user_event(state: &AppState, user: &UserId, event: serde_json::Value) {
     let payload = Bytes::from(event.to_string());
-    if let Err(e) = state
-        .nats
-        .publish(subjects::user_event(user), payload)
-        .await
-    {
+    if let Err(e) = state.nats.publish(subjects::user_event(user), payload).await {
         tracing::warn!(error = %e, "cannot publish user event");
     }
 }
@@ -114,11 +105,7 @@ struct CreateRoom {
     members: Vec<String>,
 }
 
-async fn create_room(
-    State(state): State<AppState>,
-    Caller(me): Caller,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn create_room(State(state): State<AppState>, Caller(me): Caller, body: Bytes) -> Result<Response, ApiError> {
     let req: CreateRoom = parse(&body)?;
     let id = match req.id {
         Some(id) => room_id(&id)?,
@@ -127,49 +114,28 @@ async fn create_room(
     if req.members.len() > 10_000 {
         return Err(ApiError::bad_request("at most 10000 members at creation"));
     }
-    let members = req
-        .members
-        .iter()
-        .map(|m| UserId::parse(m))
-        .collect::<Result<Vec<_>, _>>()?;
+    let members = req.members.iter().map(|m| UserId::parse(m)).collect::<Result<Vec<_>, _>>()?;
     let name = req.name.unwrap_or_else(|| id.to_string());
     if name.len() > 200 {
         return Err(ApiError::bad_request("name is longer than 200 bytes"));
     }
     if !db::rooms::create(&state.db, &id, &name, &me.user, &members).await? {
-        return Err(ApiError::new(
-            crate::error::Code::Conflict,
-            "a room with this id exists",
-        ));
+        return Err(ApiError::new(crate::error::Code::Conflict, "a room with this id exists"));
     }
     let all = db::rooms::members(&state.db, &id).await?;
     for m in &members {
         if *m != me.user {
-            user_event(
-                &state,
-                m,
-                json!({"type":"room_added","room":id,"by":me.user}),
-            )
-            .await;
+            user_event(&state, m, json!({"type":"room_added","room":id,"by":me.user})).await;
         }
     }
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"id": id, "name": name, "members": all})),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, Json(json!({"id": id, "name": name, "members": all}))).into_response())
 }
 
-async fn list_rooms(
-    State(state): State<AppState>,
-    Caller(me): Caller,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_rooms(State(state): State<AppState>, Caller(me): Caller) -> Result<Json<serde_json::Value>, ApiError> {
     let rooms = db::rooms::list_for(&state.db, &me.user).await?;
     let lasts = futures::future::join_all(rooms.iter().map(|r| async {
         match RoomId::parse(&r.id) {
-            Ok(id) => directget::last_seq(&state.stream, &subjects::room_msg(&id))
-                .await
-                .ok(),
+            Ok(id) => directget::last_seq(&state.stream, &subjects::room_msg(&id)).await.ok(),
             Err(_) => None,
         }
     }))
@@ -202,23 +168,10 @@ async fn add_member(
     let added = db::rooms::add_member(&state.db, &room, &user).await?;
     state.membership.forget(&room, &user);
     if added {
-        user_event(
-            &state,
-            &user,
-            json!({"type":"room_added","room":room,"by":me.user}),
-        )
-        .await;
+        user_event(&state, &user, json!({"type":"room_added","room":room,"by":me.user})).await;
     }
-    let status = if added {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((
-        status,
-        Json(json!({"room": room, "user": user, "added": added})),
-    )
-        .into_response())
+    let status = if added { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(json!({"room": room, "user": user, "added": added}))).into_response())
 }
 
 async fn list_members(
@@ -228,9 +181,7 @@ async fn list_members(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let room = room_id(&id)?;
     require_member(&state, &room, &me.user).await?;
-    Ok(Json(
-        json!({"room": room, "members": db::rooms::members(&state.db, &room).await?}),
-    ))
+    Ok(Json(json!({"room": room, "members": db::rooms::members(&state.db, &room).await?})))
 }
 
 async fn remove_member(
@@ -248,12 +199,7 @@ async fn remove_member(
     if !removed {
         return Err(ApiError::not_found("not a member"));
     }
-    user_event(
-        &state,
-        &user,
-        json!({"type":"room_removed","room":room,"by":me.user}),
-    )
-    .await;
+    user_event(&state, &user, json!({"type":"room_removed","room":room,"by":me.user})).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -285,11 +231,7 @@ async fn history(
         .into_iter()
         .filter_map(|m| {
             let msg: StoredMessage = serde_json::from_slice(&m.payload).ok()?;
-            Some(MessageView {
-                room: room.to_string(),
-                seq: m.seq,
-                msg,
-            })
+            Some(MessageView { room: room.to_string(), seq: m.seq, msg })
         })
         .collect();
     Ok(Json(json!({ "messages": messages })))
@@ -316,27 +258,11 @@ async fn send_message(
     let msg_id = ClientMsgId::parse(&req.id)?;
     require_member(&state, &room, &me.user).await?;
     let attachment = connection::check_attachment(req.kind, req.attachment)?;
-    let new = NewMessage {
-        room: &room,
-        from: &me.user,
-        id: &msg_id,
-        body: req.body,
-        kind: req.kind,
-        attachment,
-    };
-    let (ts, fut) = messages::publish(&state.js, new)
-        .await
-        .map_err(|e| ApiError::unavailable("message stream", e))?;
-    let p = messages::confirm(&state.stream, ts, fut)
-        .await
-        .map_err(|e| ApiError::unavailable("message stream", e))?;
-    let status = if p.duplicate {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
-    let out =
-        json!({"room": room, "seq": p.seq, "ts": p.ts, "id": msg_id, "duplicate": p.duplicate});
+    let new = NewMessage { room: &room, from: &me.user, id: &msg_id, body: req.body, kind: req.kind, attachment };
+    let (ts, fut) = messages::publish(&state.js, new).await.map_err(|e| ApiError::unavailable("message stream", e))?;
+    let p = messages::confirm(&state.stream, ts, fut).await.map_err(|e| ApiError::unavailable("message stream", e))?;
+    let status = if p.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+    let out = json!({"room": room, "seq": p.seq, "ts": p.ts, "id": msg_id, "duplicate": p.duplicate});
     Ok((status, Json(out)).into_response())
 }
 
@@ -361,17 +287,40 @@ async fn mark_read(
 async fn readyz(State(state): State<AppState>) -> Response {
     let accepting = state.accepting.load(Ordering::Acquire);
     let nats = state.nats.connection_state() == async_nats::connection::State::Connected;
-    let db = tokio::time::timeout(
-        Duration::from_secs(1),
-        sqlx::query("SELECT 1").execute(&state.db),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
+    let db = tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&state.db))
+        .await
+        .is_ok_and(|r| r.is_ok());
     let body = json!({"accepting": accepting, "nats": nats, "database": db});
-    let status = if accepting && nats && db {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if accepting && nats && db { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
+}
+
+#[derive(Deserialize)]
+struct PresenceQuery {
+    users: String,
+}
+
+/// `GET /v1/presence?users=a,b`: current status and last seen of each user.
+async fn presence(
+    State(state): State<AppState>,
+    Caller(_me): Caller,
+    Query(q): Query<PresenceQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let users = q.users.split(',').filter(|u| !u.is_empty()).map(UserId::parse).collect::<Result<Vec<_>, _>>()?;
+    if users.is_empty() || users.len() > state.settings.presence_sub_max {
+        return Err(ApiError::bad_request(format!("users: 1 to {} ids", state.settings.presence_sub_max)));
+    }
+    let views = state.presence.lookup(&users).await.map_err(|e| ApiError::unavailable("presence", e))?;
+    let out: Vec<_> = views
+        .into_iter()
+        .map(|(u, v)| json!({"user": u, "status": v.status, "last_seen": v.last_seen}))
+        .collect();
+    Ok(Json(json!({ "presence": out })))
+}
+
+/// `DELETE /v1/sessions`: closes every live session of the caller, on every
+/// gateway, with 4001 ("log out everywhere").
+async fn revoke_sessions(State(state): State<AppState>, Caller(me): Caller) -> StatusCode {
+    user_event(&state, &me.user, json!({"type": "session_revoked"})).await;
+    StatusCode::ACCEPTED
 }

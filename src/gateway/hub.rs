@@ -26,10 +26,7 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(deps: RoomDeps) -> Self {
-        Self {
-            deps,
-            rooms: Mutex::new(HashMap::new()),
-        }
+        Self { deps, rooms: Mutex::new(HashMap::new()) }
     }
 
     /// Adds `conn` to `room` in buffering state and returns the room's last

@@ -25,18 +25,10 @@ pub struct Membership {
 
 impl Membership {
     pub fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            cache: Mutex::new(HashMap::new()),
-        }
+        Self { ttl, cache: Mutex::new(HashMap::new()) }
     }
 
-    pub async fn is_member(
-        &self,
-        pool: &PgPool,
-        room: &RoomId,
-        user: &UserId,
-    ) -> Result<bool, ApiError> {
+    pub async fn is_member(&self, pool: &PgPool, room: &RoomId, user: &UserId) -> Result<bool, ApiError> {
         let key = (room.clone(), user.clone());
         if let Some(at) = self.cache.lock().get(&key)
             && at.elapsed() < self.ttl

@@ -9,8 +9,10 @@ pub mod http;
 pub mod hub;
 pub mod membership;
 pub mod outbound;
+pub mod presence;
 pub mod protocol;
 pub mod room;
+pub mod users;
 pub mod ws;
 
 use std::{
@@ -43,6 +45,10 @@ pub struct AppState {
     pub verifier: Arc<Verifier>,
     pub hub: Arc<hub::Hub>,
     pub membership: Arc<membership::Membership>,
+    pub presence: Arc<presence::Presence>,
+    pub users: Arc<users::Users>,
+    /// Typing frames per (user, room).
+    pub typing_limit: Arc<governor::DefaultKeyedRateLimiter<(crate::ids::UserId, crate::ids::RoomId)>>,
     /// Cancelled when the gateway shuts down: sockets close with 1012.
     pub shutdown: CancellationToken,
     /// False once shutdown starts.
@@ -71,6 +77,7 @@ impl Gateway {
         let nats = bus::connect(&settings.nats, &format!("natter-gateway-{node}")).await?;
         let js = jetstream::new(nats.clone());
         let stream = bus::streams::ensure_chat(&js, &settings.nats).await?;
+        bus::presence::ensure_bucket(&js, &settings.nats).await?;
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -79,8 +86,22 @@ impl Gateway {
             stream: stream.clone(),
             drop_live_every: settings.fault_drop_live_every,
         });
+        let shutdown = CancellationToken::new();
+        let membership = Arc::new(membership::Membership::new(settings.membership_cache_ttl));
+        let presence = presence::Presence::start(
+            js.clone(),
+            nats.clone(),
+            node.clone(),
+            presence::PresenceSettings { ttl: settings.presence_ttl, grace: settings.presence_grace },
+            shutdown.clone(),
+        );
+        let per_sec = std::num::NonZeroU32::new(settings.typing_per_sec.max(1)).expect("non-zero");
+        let typing_limit = Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(per_sec)));
         let state = AppState {
-            membership: Arc::new(membership::Membership::new(settings.membership_cache_ttl)),
+            users: users::Users::new(nats.clone(), membership.clone()),
+            membership,
+            presence,
+            typing_limit,
             settings: Arc::new(settings),
             node,
             db,
@@ -89,7 +110,7 @@ impl Gateway {
             stream,
             verifier: Arc::new(verifier),
             hub: Arc::new(hub),
-            shutdown: CancellationToken::new(),
+            shutdown,
             accepting: Arc::new(AtomicBool::new(true)),
             next_conn: Arc::new(AtomicU64::new(1)),
         };
@@ -108,20 +129,14 @@ impl Gateway {
         let app = http::router(state.clone());
         let conns_stop = state.shutdown.clone();
         let accepting = state.accepting.clone();
-        let serve = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            stop.cancelled().await;
-            accepting.store(false, Ordering::Release);
-            conns_stop.cancel();
-        });
+        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                stop.cancelled().await;
+                accepting.store(false, Ordering::Release);
+                conns_stop.cancel();
+            });
         serve.await.context("HTTP server failed")?;
-        if tokio::time::timeout(Duration::from_secs(5), state.nats.drain())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(5), state.nats.drain()).await.is_err() {
             tracing::warn!("NATS drain did not finish in 5 s");
         }
         tracing::info!("gateway stopped");

@@ -12,6 +12,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::users::UserEvent;
 use crate::ids::UserId;
 
 /// Close codes of the protocol.
@@ -36,20 +37,28 @@ pub struct ConnHandle {
     pub session: String,
     pub user: UserId,
     tx: mpsc::Sender<Out>,
+    /// User events for the connection's reader (rare; bounded).
+    events: mpsc::Sender<UserEvent>,
     kill: CancellationToken,
     close_code: AtomicU16,
 }
 
 impl ConnHandle {
-    pub fn new(id: u64, session: String, user: UserId, tx: mpsc::Sender<Out>) -> Arc<Self> {
-        Arc::new(Self {
-            id,
-            session,
-            user,
-            tx,
-            kill: CancellationToken::new(),
-            close_code: AtomicU16::new(0),
-        })
+    pub fn new(
+        id: u64,
+        session: String,
+        user: UserId,
+        tx: mpsc::Sender<Out>,
+        events: mpsc::Sender<UserEvent>,
+    ) -> Arc<Self> {
+        Arc::new(Self { id, session, user, tx, events, kill: CancellationToken::new(), close_code: AtomicU16::new(0) })
+    }
+
+    /// Hands a user event to the connection's reader.
+    pub fn event(&self, ev: UserEvent) {
+        if self.events.try_send(ev).is_err() {
+            tracing::warn!(conn = self.id, "user event dropped: connection not reading its events");
+        }
     }
 
     /// Queues a frame without waiting. A full queue closes the connection
@@ -77,9 +86,7 @@ impl ConnHandle {
 
     /// Closes at once with `code` (the first code set wins).
     pub fn close_now(&self, code: u16) {
-        let _ = self
-            .close_code
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.close_code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
         self.kill.cancel();
     }
 

@@ -45,6 +45,10 @@ pub enum ClientFrame {
     PresenceSub {
         users: Vec<String>,
     },
+    /// natter addition: stop watching these users.
+    PresenceUnsub {
+        users: Vec<String>,
+    },
     Ping,
     Refresh {
         token: String,
@@ -60,6 +64,7 @@ const KNOWN: &[&str] = &[
     "typing",
     "presence",
     "presence_sub",
+    "presence_unsub",
     "ping",
     "refresh",
 ];
@@ -85,17 +90,8 @@ pub fn decode(text: &str) -> Result<ClientFrame, Undecodable> {
         Ok(f) => Ok(f),
         Err(err) => {
             let peek = serde_json::from_str::<Peek>(text).ok();
-            let ty = peek
-                .as_ref()
-                .and_then(|p| p.ty.as_ref())
-                .and_then(|t| t.as_str())
-                .map(str::to_owned);
-            let reference = match (
-                &ty,
-                peek.as_ref()
-                    .and_then(|p| p.id.as_ref())
-                    .and_then(|i| i.as_str()),
-            ) {
+            let ty = peek.as_ref().and_then(|p| p.ty.as_ref()).and_then(|t| t.as_str()).map(str::to_owned);
+            let reference = match (&ty, peek.as_ref().and_then(|p| p.id.as_ref()).and_then(|i| i.as_str())) {
                 (Some(t), Some(id)) if t == "send" => id.chars().take(64).collect(),
                 (Some(t), _) => t.chars().take(32).collect(),
                 _ => "frame".to_owned(),
@@ -106,11 +102,7 @@ pub fn decode(text: &str) -> Result<ClientFrame, Undecodable> {
                 (Some(_), Some(t)) if !KNOWN.contains(&t.as_str()) => "unknown type".to_owned(),
                 (Some(_), Some(_)) => format!("bad fields: {}", short(&err)),
             };
-            Err(Undecodable {
-                code: Code::BadRequest,
-                reference,
-                message,
-            })
+            Err(Undecodable { code: Code::BadRequest, reference, message })
         }
     }
 }
@@ -177,22 +169,13 @@ mod tests {
         let f = decode(r#"{"type":"join","room":"general","since":5,"extra":1}"#).unwrap();
         assert!(matches!(f, ClientFrame::Join { since: Some(5), .. }));
         let f = decode(r#"{"type":"send","room":"r","id":"1","body":"hi"}"#).unwrap();
-        assert!(matches!(
-            f,
-            ClientFrame::Send {
-                kind: Kind::Text,
-                ..
-            }
-        ));
+        assert!(matches!(f, ClientFrame::Send { kind: Kind::Text, .. }));
     }
 
     #[test]
     fn explains_what_is_wrong() {
         assert_eq!(decode("{nope").unwrap_err().reference, "frame");
-        assert_eq!(
-            decode(r#"{"type":"dance"}"#).unwrap_err().message,
-            "unknown type"
-        );
+        assert_eq!(decode(r#"{"type":"dance"}"#).unwrap_err().message, "unknown type");
         let e = decode(r#"{"type":"send","room":"r","id":"m1","body":5}"#).unwrap_err();
         assert_eq!(e.reference, "m1");
         assert!(e.message.starts_with("bad fields"));

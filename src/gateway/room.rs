@@ -70,8 +70,9 @@ pub async fn run(id: RoomId, deps: RoomDeps, mut cmds: mpsc::UnboundedReceiver<R
     let subs = tokio::try_join!(
         deps.nats.subscribe(subjects::live_room(&id)),
         deps.nats.subscribe(subjects::room_event(&id)),
+        deps.nats.subscribe(subjects::room_typing(&id)),
     );
-    let (mut live, mut events) = match subs {
+    let (mut live, mut events, mut typing) = match subs {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(room = %id, error = %e, "cannot subscribe to room");
@@ -83,14 +84,8 @@ pub async fn run(id: RoomId, deps: RoomDeps, mut cmds: mpsc::UnboundedReceiver<R
             return;
         }
     };
-    let mut room = Room {
-        subject: subjects::room_msg(&id),
-        id,
-        deps,
-        last: None,
-        members: HashMap::new(),
-        live_seen: 0,
-    };
+    let mut room =
+        Room { subject: subjects::room_msg(&id), id, deps, last: None, members: HashMap::new(), live_seen: 0 };
     room.init().await;
     // Armed after live traffic: once the room is quiet, check that nothing
     // after the last delivered message was lost (a gap at the tail has no
@@ -111,6 +106,7 @@ pub async fn run(id: RoomId, deps: RoomDeps, mut cmds: mpsc::UnboundedReceiver<R
                 armed = true;
             }
             Some(msg) = events.next() => room.on_event(msg),
+            Some(msg) = typing.next() => room.on_typing(msg),
             _ = &mut tail_check, if armed => {
                 armed = false;
                 room.check_tail().await;
@@ -140,14 +136,7 @@ impl Room {
             RoomCmd::Join { conn, reply } => {
                 let answer = match self.init().await {
                     Some(last) => {
-                        self.members.insert(
-                            conn.id,
-                            Member {
-                                conn,
-                                cursor: last,
-                                buffer: Some(Vec::new()),
-                            },
-                        );
+                        self.members.insert(conn.id, Member { conn, cursor: last, buffer: Some(Vec::new()) });
                         Ok(last)
                     }
                     None => Err(ReadError::TimedOut),
@@ -251,11 +240,7 @@ impl Room {
 
     /// Room events arrive as ready frames; the originating session is skipped.
     fn on_event(&mut self, msg: Message) {
-        let origin = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(subjects::ORIGIN_SESSION_HEADER))
-            .map(|v| v.as_str());
+        let origin = msg.headers.as_ref().and_then(|h| h.get(subjects::ORIGIN_SESSION_HEADER)).map(|v| v.as_str());
         let Ok(frame) = Utf8Bytes::try_from(msg.payload) else {
             return;
         };
@@ -267,12 +252,22 @@ impl Room {
     }
 }
 
+impl Room {
+    /// Typing goes to every member but the typing user's own sessions.
+    fn on_typing(&mut self, msg: Message) {
+        let origin = msg.headers.as_ref().and_then(|h| h.get(subjects::ORIGIN_USER_HEADER)).map(|v| v.as_str());
+        let Ok(frame) = Utf8Bytes::try_from(msg.payload) else { return };
+        for m in self.members.values() {
+            if Some(m.conn.user.as_str()) != origin {
+                m.conn.deliver(frame.clone());
+            }
+        }
+    }
+}
+
 fn sequence_headers(msg: &Message) -> Option<(u64, u64)> {
     let h = msg.headers.as_ref()?;
     let seq = h.get("Nats-Sequence")?.as_str().parse().ok()?;
-    let prev = h
-        .get("Nats-Last-Sequence")
-        .and_then(|v| v.as_str().parse().ok())
-        .unwrap_or(0);
+    let prev = h.get("Nats-Last-Sequence").and_then(|v| v.as_str().parse().ok()).unwrap_or(0);
     Some((seq, prev))
 }

@@ -18,33 +18,18 @@ async fn join_without_membership_is_forbidden_and_bad_ids_are_bad_requests() {
     let e = eve.expect("error").await;
     assert_eq!(e["code"], "forbidden");
     assert_eq!(e["ref"], "join");
-    eve.send(json!({"type":"send","room":"private","id":"x1","body":"let me in"}))
-        .await;
+    eve.send(json!({"type":"send","room":"private","id":"x1","body":"let me in"})).await;
     let e = eve.expect("error").await;
-    assert_eq!(
-        (e["code"].as_str(), e["ref"].as_str()),
-        (Some("forbidden"), Some("x1"))
-    );
+    assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some("forbidden"), Some("x1")));
 
     let long = "a".repeat(65);
-    for bad in [
-        "a.b",
-        "*",
-        ">",
-        long.as_str(),
-        "",
-        "a b",
-        "chat.>",
-        "é",
-        "a\u{0}b",
-    ] {
+    for bad in ["a.b", "*", ">", long.as_str(), "", "a b", "chat.>", "é", "a\u{0}b"] {
         eve.send(json!({"type":"join","room":bad})).await;
         let e = eve.expect("error").await;
         assert_eq!(e["code"], "bad_request", "room {bad:?}: {e}");
     }
     for bad in ["a*", "", "x y", long.as_str()] {
-        eve.send(json!({"type":"send","room":"private","id":bad,"body":"b"}))
-            .await;
+        eve.send(json!({"type":"send","room":"private","id":bad,"body":"b"})).await;
         let e = eve.expect("error").await;
         assert_eq!(e["code"], "bad_request", "id {bad:?}: {e}");
     }
@@ -63,9 +48,7 @@ async fn no_hello_in_time_closes_4001() {
 }
 
 fn forge(header: serde_json::Value, claims: serde_json::Value, sig: &str) -> String {
-    let b = |v: &serde_json::Value| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
-    };
+    let b = |v: &serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
     format!("{}.{}.{}", b(&header), b(&claims), sig)
 }
 
@@ -75,29 +58,13 @@ async fn bad_expired_wrong_key_and_alg_none_tokens_close_4001() {
     let now = natter::auth::unix_now();
     let expired = {
         use jsonwebtoken::{EncodingKey, Header, encode};
-        let c = natter::auth::Claims {
-            sub: "alice".into(),
-            exp: now - 3600,
-            name: None,
-        };
-        encode(
-            &Header::default(),
-            &c,
-            &EncodingKey::from_secret(SECRET.as_bytes()),
-        )
-        .unwrap()
+        let c = natter::auth::Claims { sub: "alice".into(), exp: now - 3600, name: None };
+        encode(&Header::default(), &c, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
     };
-    let wrong_key = natter::auth::Signer::hs256("some-other-secret-123456")
-        .mint("alice", Duration::from_secs(60), None)
-        .unwrap();
-    let none = forge(
-        json!({"alg":"none","typ":"JWT"}),
-        json!({"sub":"alice","exp":now+60}),
-        "",
-    );
-    let bad_sub = natter::auth::Signer::hs256(SECRET)
-        .mint("a.>", Duration::from_secs(60), None)
-        .unwrap();
+    let wrong_key =
+        natter::auth::Signer::hs256("some-other-secret-123456").mint("alice", Duration::from_secs(60), None).unwrap();
+    let none = forge(json!({"alg":"none","typ":"JWT"}), json!({"sub":"alice","exp":now+60}), "");
+    let bad_sub = natter::auth::Signer::hs256(SECRET).mint("a.>", Duration::from_secs(60), None).unwrap();
     for (what, t) in [
         ("garbage", "not-a-jwt".to_owned()),
         ("expired", expired),
@@ -118,22 +85,17 @@ async fn bad_expired_wrong_key_and_alg_none_tokens_close_4001() {
     assert_eq!(c.expect_close().await, Some(4001));
 
     // The Authorization header counts as hello.
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("ws://{}/v1/ws", s.gw1.addr),
-    )
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{}/v1/ws",
+        s.gw1.addr
+    ))
     .unwrap();
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", token("carol")).parse().unwrap(),
-    );
+    req.headers_mut().insert("authorization", format!("Bearer {}", token("carol")).parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     use futures::StreamExt;
     let w = ws.next().await.unwrap().unwrap();
     let w: serde_json::Value = serde_json::from_str(w.to_text().unwrap()).unwrap();
-    assert_eq!(
-        (w["type"].as_str(), w["user"].as_str()),
-        (Some("welcome"), Some("carol"))
-    );
+    assert_eq!((w["type"].as_str(), w["user"].as_str()), (Some("welcome"), Some("carol")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,30 +109,14 @@ async fn malformed_frames_get_errors_and_the_connection_stays_usable() {
         (r#"{"no":"type"}"#, "bad_request", "frame"),
         (r#"{"type":"dance"}"#, "bad_request", "dance"),
         (r#"{"type":"join","room":5}"#, "bad_request", "join"),
-        (
-            r#"{"type":"send","room":"r","id":"m1","body":{"x":1}}"#,
-            "bad_request",
-            "m1",
-        ),
-        (
-            r#"{"type":"read","room":"r","seq":-1}"#,
-            "bad_request",
-            "read",
-        ),
-        (
-            r#"{"type":"hello","token":"again"}"#,
-            "bad_request",
-            "hello",
-        ),
+        (r#"{"type":"send","room":"r","id":"m1","body":{"x":1}}"#, "bad_request", "m1"),
+        (r#"{"type":"read","room":"r","seq":-1}"#, "bad_request", "read"),
+        (r#"{"type":"hello","token":"again"}"#, "bad_request", "hello"),
     ];
     for (frame, code, reference) in cases {
         c.send_text(frame).await;
         let e = c.expect("error").await;
-        assert_eq!(
-            (e["code"].as_str(), e["ref"].as_str()),
-            (Some(code), Some(reference)),
-            "{frame}: {e}"
-        );
+        assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some(code), Some(reference)), "{frame}: {e}");
         assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
     let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));

@@ -24,16 +24,7 @@ async fn missing_settings_and_unreachable_servers_give_one_line_errors() {
     let nats = NatsServer::start();
 
     // No JWT secret.
-    let o = run(
-        &[
-            "gateway",
-            "--nats-url",
-            &nats.url(),
-            "--database-url",
-            &db.url,
-        ],
-        &[],
-    );
+    let o = run(&["gateway", "--nats-url", &nats.url(), "--database-url", &db.url], &[]);
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("NATTER_JWT_SECRET"), "{e}");
@@ -42,18 +33,7 @@ async fn missing_settings_and_unreachable_servers_give_one_line_errors() {
 
     // Unreachable PostgreSQL.
     let dead = format!("postgres://postgres@127.0.0.1:{}/x", free_port());
-    let o = run(
-        &[
-            "gateway",
-            "--database-url",
-            &dead,
-            "--jwt-secret",
-            SECRET,
-            "--nats-url",
-            &nats.url(),
-        ],
-        &[],
-    );
+    let o = run(&["gateway", "--database-url", &dead, "--jwt-secret", SECRET, "--nats-url", &nats.url()], &[]);
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("cannot connect to PostgreSQL"), "{e}");
@@ -62,17 +42,7 @@ async fn missing_settings_and_unreachable_servers_give_one_line_errors() {
     // Unreachable NATS.
     let dead = format!("nats://127.0.0.1:{}", free_port());
     let o = run(
-        &[
-            "gateway",
-            "--database-url",
-            &db.url,
-            "--jwt-secret",
-            SECRET,
-            "--nats-url",
-            &dead,
-            "--listen",
-            "127.0.0.1:0",
-        ],
+        &["gateway", "--database-url", &db.url, "--jwt-secret", SECRET, "--nats-url", &dead, "--listen", "127.0.0.1:0"],
         &[],
     );
     assert!(!o.status.success());
@@ -83,28 +53,14 @@ async fn missing_settings_and_unreachable_servers_give_one_line_errors() {
     // Settings come from NATTER_* variables too, and --help lists them.
     let o = run(&["gateway", "--help"], &[]);
     let help = String::from_utf8_lossy(&o.stdout);
-    for var in [
-        "NATTER_NATS_URL",
-        "NATTER_DATABASE_URL",
-        "NATTER_LISTEN",
-        "NATTER_JWT_ALG",
-        "NATTER_STREAM_MAX_AGE",
-    ] {
+    for var in ["NATTER_NATS_URL", "NATTER_DATABASE_URL", "NATTER_LISTEN", "NATTER_JWT_ALG", "NATTER_STREAM_MAX_AGE"] {
         assert!(help.contains(var), "{var} missing from --help");
     }
     let o = run(
         &["gateway"],
-        &[
-            ("NATTER_JWT_SECRET", SECRET),
-            ("NATTER_NATS_URL", &dead),
-            ("NATTER_DATABASE_URL", &db.url),
-        ],
+        &[("NATTER_JWT_SECRET", SECRET), ("NATTER_NATS_URL", &dead), ("NATTER_DATABASE_URL", &db.url)],
     );
-    assert!(
-        stderr(&o).contains("cannot connect to NATS"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("cannot connect to NATS"), "{}", stderr(&o));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,33 +72,16 @@ async fn migrate_is_idempotent_and_a_behind_schema_is_refused() {
 
     // A database without the schema: the gateway refuses to start.
     let pool = db.pool().await;
-    sqlx::query("DELETE FROM _sqlx_migrations")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations").execute(&pool).await.unwrap();
     let nats = NatsServer::start();
-    let o = run(
-        &[
-            "gateway",
-            "--database-url",
-            &db.url,
-            "--jwt-secret",
-            SECRET,
-            "--nats-url",
-            &nats.url(),
-        ],
-        &[],
-    );
+    let o = run(&["gateway", "--database-url", &db.url, "--jwt-secret", SECRET, "--nats-url", &nats.url()], &[]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("natter migrate"), "{}", stderr(&o));
 }
 
 #[test]
 fn token_mints_a_verifiable_jwt() {
-    let o = run(
-        &["token", "--user", "alice", "--ttl", "1h"],
-        &[("NATTER_JWT_SECRET", SECRET)],
-    );
+    let o = run(&["token", "--user", "alice", "--ttl", "1h"], &[("NATTER_JWT_SECRET", SECRET)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let t = String::from_utf8(o.stdout).unwrap();
     let v = natter::auth::Verifier::from_settings(&natter::config::JwtSettings {
@@ -152,9 +91,6 @@ fn token_mints_a_verifiable_jwt() {
     })
     .unwrap();
     assert_eq!(v.verify(t.trim()).unwrap().user.as_str(), "alice");
-    let o = run(
-        &["token", "--user", "a.b"],
-        &[("NATTER_JWT_SECRET", SECRET)],
-    );
+    let o = run(&["token", "--user", "a.b"], &[("NATTER_JWT_SECRET", SECRET)]);
     assert!(!o.status.success());
 }

@@ -29,14 +29,11 @@ async fn two_gateways_each_side_sees_the_other_in_order_once() {
     let got = alice.messages("general", 2).await;
     assert_eq!(seqs_in_order(&got), vec![s1, s2]);
     assert_eq!(got[1]["from"], "bob");
-    alice
-        .expect_silence(std::time::Duration::from_millis(300))
-        .await;
+    alice.expect_silence(std::time::Duration::from_millis(300)).await;
     // bob gets his own message once too.
     let got = bob.messages("general", 1).await;
     assert_eq!(got[0]["seq"], s2);
-    bob.expect_silence(std::time::Duration::from_millis(300))
-        .await;
+    bob.expect_silence(std::time::Duration::from_millis(300)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,8 +59,7 @@ async fn thousand_messages_from_five_senders_reach_every_member_in_order() {
     for (i, mut c) in senders.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
             for n in 0..200 {
-                c.send(json!({"type":"send","room":"busy","id":format!("s{i}-{n}"),"body":format!("{i}/{n}")}))
-                    .await;
+                c.send(json!({"type":"send","room":"busy","id":format!("s{i}-{n}"),"body":format!("{i}/{n}")})).await;
             }
             let mut acks = 0;
             let mut msgs = 0;
@@ -87,21 +83,11 @@ async fn thousand_messages_from_five_senders_reach_every_member_in_order() {
             let mine: Vec<u64> = got
                 .iter()
                 .filter(|m| m["id"].as_str().unwrap().starts_with(&format!("s{i}-")))
-                .map(|m| {
-                    m["body"]
-                        .as_str()
-                        .unwrap()
-                        .split('/')
-                        .nth(1)
-                        .unwrap()
-                        .parse()
-                        .unwrap()
-                })
+                .map(|m| m["body"].as_str().unwrap().split('/').nth(1).unwrap().parse().unwrap())
                 .collect();
             assert_eq!(mine, (0..200).collect::<Vec<u64>>());
         }
-        r.expect_silence(std::time::Duration::from_millis(200))
-            .await;
+        r.expect_silence(std::time::Duration::from_millis(200)).await;
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), (200, 1000));
@@ -123,8 +109,7 @@ async fn a_retried_client_id_returns_the_same_seq_and_stores_once() {
     assert_ne!(bobs, first);
     let got = bob.messages("r", 2).await;
     assert_eq!(seqs_in_order(&got), vec![first, bobs]);
-    bob.expect_silence(std::time::Duration::from_millis(300))
-        .await;
+    bob.expect_silence(std::time::Duration::from_millis(300)).await;
 
     let hist: serde_json::Value = http()
         .get(format!("{}/v1/rooms/r/messages", s.gw1.http()))
@@ -151,16 +136,12 @@ async fn reconnect_with_since_replays_the_missed_then_goes_live_without_gap_or_d
     drop(bob);
 
     for n in 1..=200 {
-        alice
-            .send(json!({"type":"send","room":"r","id":format!("m{n}"),"body":n.to_string()}))
-            .await;
+        alice.send(json!({"type":"send","room":"r","id":format!("m{n}"),"body":n.to_string()})).await;
     }
     // While bob rejoins, alice keeps sending: the seam must hold.
     let sender = tokio::spawn(async move {
         for n in 201..=300 {
-            alice
-                .send(json!({"type":"send","room":"r","id":format!("m{n}"),"body":n.to_string()}))
-                .await;
+            alice.send(json!({"type":"send","room":"r","id":format!("m{n}"),"body":n.to_string()})).await;
         }
         let mut acks = 0;
         while acks < 300 {
@@ -174,14 +155,10 @@ async fn reconnect_with_since_replays_the_missed_then_goes_live_without_gap_or_d
     assert!(last >= seen);
     let got = bob.messages("r", 300).await;
     seqs_in_order(&got);
-    let bodies: Vec<u64> = got
-        .iter()
-        .map(|m| m["body"].as_str().unwrap().parse().unwrap())
-        .collect();
+    let bodies: Vec<u64> = got.iter().map(|m| m["body"].as_str().unwrap().parse().unwrap()).collect();
     assert_eq!(bodies, (1..=300).collect::<Vec<u64>>());
     sender.await.unwrap();
-    bob.expect_silence(std::time::Duration::from_millis(300))
-        .await;
+    bob.expect_silence(std::time::Duration::from_millis(300)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,21 +170,15 @@ async fn lost_live_deliveries_are_repaired_from_the_stream() {
     bob.join("r", None).await;
     let mut alice = Client::connect(s.gw1.addr, "alice").await;
     for n in 0..60 {
-        alice
-            .send(json!({"type":"send","room":"r","id":format!("m{n}"),"body":n.to_string()}))
-            .await;
+        alice.send(json!({"type":"send","room":"r","id":format!("m{n}"),"body":n.to_string()})).await;
     }
     // 60 is a multiple of 3: the last delivery is dropped too, and only the
     // tail check can find it.
     let got = bob.messages("r", 60).await;
     seqs_in_order(&got);
-    let bodies: Vec<u64> = got
-        .iter()
-        .map(|m| m["body"].as_str().unwrap().parse().unwrap())
-        .collect();
+    let bodies: Vec<u64> = got.iter().map(|m| m["body"].as_str().unwrap().parse().unwrap()).collect();
     assert_eq!(bodies, (0..60).collect::<Vec<u64>>());
-    bob.expect_silence(std::time::Duration::from_millis(1200))
-        .await;
+    bob.expect_silence(std::time::Duration::from_millis(1200)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,19 +195,13 @@ async fn leave_stops_delivery_and_read_markers_reach_the_others() {
 
     bob.send(json!({"type":"read","room":"r","seq":seq})).await;
     let read = alice.expect("read").await;
-    assert_eq!(
-        read,
-        json!({"type":"read","room":"r","user":"bob","seq":seq})
-    );
-    bob.expect_silence(std::time::Duration::from_millis(300))
-        .await; // not echoed to bob
+    assert_eq!(read, json!({"type":"read","room":"r","user":"bob","seq":seq}));
+    bob.expect_silence(std::time::Duration::from_millis(300)).await; // not echoed to bob
     let pool = s.db.pool().await;
-    let stored: i64 = sqlx::query_scalar(
-        "SELECT last_read_seq FROM room_members WHERE room_id='r' AND user_id='bob'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT last_read_seq FROM room_members WHERE room_id='r' AND user_id='bob'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(stored as u64, seq);
     // A read marker never moves back.
     bob.send(json!({"type":"read","room":"r","seq":0})).await;
@@ -245,6 +210,5 @@ async fn leave_stops_delivery_and_read_markers_reach_the_others() {
     bob.send(json!({"type":"leave","room":"r"})).await;
     assert_eq!(bob.expect("left").await["room"], "r");
     alice.send_msg("r", "y", "gone?").await;
-    bob.expect_silence(std::time::Duration::from_millis(500))
-        .await;
+    bob.expect_silence(std::time::Duration::from_millis(500)).await;
 }

@@ -21,14 +21,8 @@ pub struct Client {
 impl Client {
     /// Connects without authenticating.
     pub async fn raw(addr: SocketAddr) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
-            .await
-            .expect("ws connect");
-        Self {
-            ws,
-            user: String::new(),
-            backlog: Default::default(),
-        }
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await.expect("ws connect");
+        Self { ws, user: String::new(), backlog: Default::default() }
     }
 
     /// Connects and says hello as `user`; returns after `welcome`.
@@ -43,23 +37,14 @@ impl Client {
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws
-            .send(Message::text(v.to_string()))
-            .await
-            .expect("ws send");
+        self.ws.send(Message::text(v.to_string())).await.expect("ws send");
     }
 
     pub async fn send_text(&mut self, t: &str) {
-        self.ws
-            .send(Message::text(t.to_owned()))
-            .await
-            .expect("ws send");
+        self.ws.send(Message::text(t.to_owned())).await.expect("ws send");
     }
 
-    pub async fn send_raw(
-        &mut self,
-        m: Message,
-    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    pub async fn send_raw(&mut self, m: Message) -> Result<(), tokio_tungstenite::tungstenite::Error> {
         self.ws.send(m).await
     }
 
@@ -67,10 +52,7 @@ impl Client {
     pub async fn recv(&mut self) -> Value {
         match self.next().await {
             Some(Ok(v)) => v,
-            Some(Err(code)) => panic!(
-                "{}: closed with {code:?} while a frame was expected",
-                self.user
-            ),
+            Some(Err(code)) => panic!("{}: closed with {code:?} while a frame was expected", self.user),
             None => panic!("{}: no frame within {RECV_TIMEOUT:?}", self.user),
         }
     }
@@ -133,8 +115,7 @@ impl Client {
     /// Sends a message and waits for its ack; frames that arrive first stay
     /// queued for the next reads.
     pub async fn send_msg(&mut self, room: &str, id: &str, body: &str) -> u64 {
-        self.send(json!({"type":"send","room":room,"id":id,"body":body}))
-            .await;
+        self.send(json!({"type":"send","room":room,"id":id,"body":body})).await;
         let mut other = Vec::new();
         let seq = loop {
             let v = self.recv().await;
@@ -157,11 +138,7 @@ impl Client {
         while out.len() < n {
             let v = match self.next().await {
                 Some(Ok(v)) => v,
-                Some(Err(code)) => panic!(
-                    "{}: closed {code:?} after {} of {n} messages",
-                    self.user,
-                    out.len()
-                ),
+                Some(Err(code)) => panic!("{}: closed {code:?} after {} of {n} messages", self.user, out.len()),
                 None => panic!("{}: only {} of {n} messages arrived", self.user, out.len()),
             };
             if v["type"] == "message" && v["room"] == room {
@@ -182,18 +159,12 @@ impl Client {
 /// Asserts seqs strictly increase and returns them.
 pub fn seqs_in_order(msgs: &[Value]) -> Vec<u64> {
     let seqs: Vec<u64> = msgs.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "out of order or duplicated: {seqs:?}"
-    );
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "out of order or duplicated: {seqs:?}");
     seqs
 }
 
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(15))
-        .build()
-        .unwrap()
+    reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap()
 }
 
 /// POST /v1/rooms as `owner`; panics unless 201.

@@ -19,17 +19,12 @@ impl TestDb {
         let mut base = url::Url::parse(&admin_url()).unwrap();
         base.set_path(&format!("/{name}"));
         let url = base.to_string();
-        natter::db::migrate(&Self::settings_for(&url))
-            .await
-            .expect("migrate test database");
+        natter::db::migrate(&Self::settings_for(&url)).await.expect("migrate test database");
         Self { url, name }
     }
 
     fn settings_for(url: &str) -> DatabaseSettings {
-        DatabaseSettings {
-            database_url: url.to_owned(),
-            database_pool: 4,
-        }
+        DatabaseSettings { database_url: url.to_owned(), database_pool: 4 }
     }
 
     pub fn settings(&self) -> DatabaseSettings {
@@ -45,10 +40,7 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 if let Ok(mut c) = PgConnection::connect(&admin_url()).await {
                     let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");

@@ -62,30 +62,18 @@ impl Drop for TestGateway {
     }
 }
 
-pub async fn spawn_gateway(
-    nats: &NatsServer,
-    db: &TestDb,
-    node: &str,
-    extra: &[&str],
-) -> TestGateway {
-    let gw = Gateway::build(settings(&nats.url(), db, node, extra))
-        .await
-        .expect("gateway builds");
+pub async fn spawn_gateway(nats: &NatsServer, db: &TestDb, node: &str, extra: &[&str]) -> TestGateway {
+    let gw = Gateway::build(settings(&nats.url(), db, node, extra)).await.expect("gateway builds");
     let addr = gw.local_addr();
     let stop = CancellationToken::new();
     let task = tokio::spawn(gw.run_until_stopped(stop.clone()));
-    TestGateway {
-        addr,
-        stop,
-        task: Some(task),
-    }
+    TestGateway { addr, stop, task: Some(task) }
 }
 
 /// The `natter` binary, for tests that need a separate process.
 pub fn natter_bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_natter"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    c.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
     c
 }
 
@@ -99,15 +87,7 @@ impl GatewayProcess {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = natter_bin()
-            .args([
-                "gateway",
-                "--nats-url",
-                nats,
-                "--database-url",
-                &db.url,
-                "--node-id",
-                node,
-            ])
+            .args(["gateway", "--nats-url", nats, "--database-url", &db.url, "--node-id", node])
             .args(["--listen", &addr.to_string(), "--jwt-secret", SECRET])
             .args(extra)
             .env("NATTER_LOG", "warn")
@@ -117,16 +97,10 @@ impl GatewayProcess {
             .expect("spawn natter gateway");
         let until = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(addr).is_err() {
-            assert!(
-                Instant::now() < until,
-                "gateway process did not listen on {addr}"
-            );
+            assert!(Instant::now() < until, "gateway process did not listen on {addr}");
             std::thread::sleep(Duration::from_millis(25));
         }
-        Self {
-            child: Some(child),
-            addr,
-        }
+        Self { child: Some(child), addr }
     }
 
     pub fn pid(&self) -> u32 {
@@ -143,9 +117,7 @@ impl GatewayProcess {
     /// Sends SIGTERM and waits for the exit status (bounded).
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
         let until = Instant::now() + within;
         loop {
             if let Ok(Some(s)) = c.try_wait() {

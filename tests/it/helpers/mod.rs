@@ -19,9 +19,7 @@ use std::time::Duration;
 pub const SECRET: &str = "natter-test-secret-0123456789";
 
 pub fn token(user: &str) -> String {
-    natter::auth::Signer::hs256(SECRET)
-        .mint(user, Duration::from_secs(3600), None)
-        .unwrap()
+    natter::auth::Signer::hs256(SECRET).mint(user, Duration::from_secs(3600), None).unwrap()
 }
 
 /// Polls `cond` until it holds or `within` passes (no blind sleeps).

@@ -9,11 +9,7 @@ use std::{
 };
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn nats_bin() -> PathBuf {
@@ -21,10 +17,7 @@ fn nats_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/nats-server");
-    assert!(
-        local.exists(),
-        "nats-server not found: run scripts/setup (or set NATTER_TEST_NATS_SERVER)"
-    );
+    assert!(local.exists(), "nats-server not found: run scripts/setup (or set NATTER_TEST_NATS_SERVER)");
     local
 }
 
@@ -48,12 +41,7 @@ impl NatsServer {
             "-sd".into(),
             dir.path().join("js").display().to_string(),
         ];
-        let mut s = Self {
-            child: None,
-            port,
-            dir,
-            args,
-        };
+        let mut s = Self { child: None, port, dir, args };
         s.spawn();
         s
     }
@@ -69,11 +57,7 @@ impl NatsServer {
         self.child = Some(child);
         let until = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < until,
-                "nats-server did not start on {}",
-                self.port
-            );
+            assert!(Instant::now() < until, "nats-server did not start on {}", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -1,0 +1,382 @@
+//! Presence on this gateway: the node's own entries in the `presence` bucket
+//! (one per locally connected user, refreshed by a heartbeat, written offline
+//! after a grace period), and watches of other users' entries for clients
+//! that subscribed (one core subscription per watched user, shared by every
+//! local subscriber).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use async_nats::{Client, jetstream};
+use axum::extract::ws::Utf8Bytes;
+use futures::{StreamExt, stream::FuturesUnordered};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::{sync::mpsc, task::AbortHandle};
+use tokio_util::sync::CancellationToken;
+
+use super::outbound::ConnHandle;
+use crate::{
+    bus::{
+        envelope::now_ms,
+        presence::{self, Entry, Observed, Status},
+        subjects,
+    },
+    ids::{NodeId, UserId},
+};
+
+/// How long an offline entry (which carries `last_seen`) is kept.
+const OFFLINE_RECORD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceSettings {
+    pub ttl: Duration,
+    pub grace: Duration,
+}
+
+/// A user's aggregated presence as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct View {
+    pub status: Status,
+    pub last_seen: i64,
+}
+
+#[derive(Default)]
+struct Local {
+    sessions: HashMap<u64, Status>,
+    /// Bumped by every change, so a stale grace timer does nothing.
+    generation: u64,
+    published: Option<(Status, u32)>,
+}
+
+struct Watch {
+    subscribers: HashMap<u64, Arc<ConnHandle>>,
+    /// node → (stream seq, entry; `None` once deleted or expired)
+    nodes: HashMap<String, (u64, Option<Entry>)>,
+    last_seen_floor: i64,
+    initialized: bool,
+    sent: Option<View>,
+    task: Option<AbortHandle>,
+}
+
+impl Watch {
+    fn view(&self) -> View {
+        let (status, seen) = presence::aggregate(self.nodes.values().filter_map(|(_, e)| e.as_ref()));
+        View { status, last_seen: seen.max(self.last_seen_floor) }
+    }
+
+    fn apply(&mut self, o: &Observed) {
+        let newer = self.nodes.get(&o.node).is_none_or(|(seq, _)| o.seq == 0 || o.seq >= *seq);
+        if newer {
+            if let Some(e) = o.entry {
+                self.last_seen_floor = self.last_seen_floor.max(e.last_seen);
+            }
+            self.nodes.insert(o.node.clone(), (o.seq, o.entry));
+        }
+    }
+}
+
+struct Write {
+    user: UserId,
+    entry: Entry,
+    ttl: Duration,
+}
+
+struct State {
+    local: HashMap<UserId, Local>,
+    watched: HashMap<UserId, Watch>,
+}
+
+pub struct Presence {
+    nats: Client,
+    node: NodeId,
+    settings: PresenceSettings,
+    writes: mpsc::UnboundedSender<Write>,
+    state: Mutex<State>,
+}
+
+pub fn frame(user: &str, v: View) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct F<'a> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        user: &'a str,
+        status: Status,
+        last_seen: i64,
+    }
+    let f = F { ty: "presence", user, status: v.status, last_seen: v.last_seen };
+    Utf8Bytes::from(serde_json::to_string(&f).expect("serialisable"))
+}
+
+impl Presence {
+    /// Starts the writer and heartbeat tasks (they end with `stop`).
+    pub fn start(
+        js: jetstream::Context,
+        nats: Client,
+        node: NodeId,
+        settings: PresenceSettings,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let (writes, rx) = mpsc::unbounded_channel();
+        let p = Arc::new(Self {
+            nats,
+            node: node.clone(),
+            settings,
+            writes,
+            state: Mutex::new(State { local: HashMap::new(), watched: HashMap::new() }),
+        });
+        tokio::spawn(write_loop(js, node, rx));
+        tokio::spawn(heartbeat(Arc::downgrade(&p), stop));
+        p
+    }
+
+    fn local_entry(l: &Local) -> Entry {
+        let status = l.sessions.values().copied().max().unwrap_or(Status::Offline);
+        Entry { status, sessions: l.sessions.len() as u32, last_seen: now_ms() }
+    }
+
+    /// Publishes this node's entry for `user` if status or session count changed.
+    fn publish_if_changed(&self, user: &UserId, l: &mut Local) {
+        let e = Self::local_entry(l);
+        if l.published != Some((e.status, e.sessions)) {
+            l.published = Some((e.status, e.sessions));
+            let _ = self.writes.send(Write { user: user.clone(), entry: e, ttl: self.settings.ttl });
+        }
+    }
+
+    pub fn session_started(&self, user: &UserId, conn_id: u64) {
+        let mut st = self.state.lock();
+        let l = st.local.entry(user.clone()).or_default();
+        l.sessions.insert(conn_id, Status::Online);
+        l.generation += 1;
+        self.publish_if_changed(user, l);
+    }
+
+    pub fn set_status(&self, user: &UserId, conn_id: u64, status: Status) {
+        let mut st = self.state.lock();
+        if let Some(l) = st.local.get_mut(user)
+            && let Some(s) = l.sessions.get_mut(&conn_id)
+        {
+            *s = status;
+            l.generation += 1;
+            self.publish_if_changed(user, l);
+        }
+    }
+
+    /// A session closed. The last one of a user starts the grace period;
+    /// offline is written only if no session came back within it.
+    pub fn session_ended(self: &Arc<Self>, user: &UserId, conn_id: u64) {
+        let mut st = self.state.lock();
+        let Some(l) = st.local.get_mut(user) else { return };
+        l.sessions.remove(&conn_id);
+        l.generation += 1;
+        if !l.sessions.is_empty() {
+            self.publish_if_changed(user, l);
+            return;
+        }
+        let generation = l.generation;
+        let this = Arc::downgrade(self);
+        let user = user.clone();
+        let grace = self.settings.grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(p) = this.upgrade() else { return };
+            let mut st = p.state.lock();
+            let still_gone = st.local.get(&user).is_some_and(|l| l.generation == generation && l.sessions.is_empty());
+            if still_gone {
+                st.local.remove(&user);
+                let entry = Entry { status: Status::Offline, sessions: 0, last_seen: now_ms() };
+                let _ = p.writes.send(Write { user, entry, ttl: OFFLINE_RECORD_TTL });
+            }
+        });
+    }
+
+    /// Writes every local user offline at once (graceful shutdown).
+    pub fn all_offline(&self) -> usize {
+        let mut st = self.state.lock();
+        let users: Vec<UserId> = st.local.drain().map(|(u, _)| u).collect();
+        for user in &users {
+            let entry = Entry { status: Status::Offline, sessions: 0, last_seen: now_ms() };
+            let _ = self.writes.send(Write { user: user.clone(), entry, ttl: OFFLINE_RECORD_TTL });
+        }
+        users.len()
+    }
+
+    /// Subscribes `conn` to `users`' presence: each gets one frame with the
+    /// current state now, then one per change.
+    pub async fn watch(self: &Arc<Self>, conn: &Arc<ConnHandle>, users: &[UserId]) -> Result<(), String> {
+        // Subscribe before reading the snapshot, so no change falls between.
+        let mut fresh = Vec::new();
+        let mut ready = Vec::new();
+        {
+            let mut st = self.state.lock();
+            for u in users {
+                match st.watched.get_mut(u) {
+                    Some(w) => {
+                        w.subscribers.insert(conn.id, conn.clone());
+                        if w.initialized {
+                            ready.push((u.clone(), w.view()));
+                        }
+                    }
+                    None => {
+                        st.watched.insert(
+                            u.clone(),
+                            Watch {
+                                subscribers: HashMap::from([(conn.id, conn.clone())]),
+                                nodes: HashMap::new(),
+                                last_seen_floor: 0,
+                                initialized: false,
+                                sent: None,
+                                task: None,
+                            },
+                        );
+                        fresh.push(u.clone());
+                    }
+                }
+            }
+        }
+        for (u, v) in ready {
+            conn.deliver(frame(u.as_str(), v));
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut subs = Vec::with_capacity(fresh.len());
+        for u in &fresh {
+            subs.push(self.nats.subscribe(subjects::presence_events_of(u)).await.map_err(|e| e.to_string())?);
+        }
+        let snapshot = presence::snapshot(&self.nats, &fresh).await;
+        let mut st = self.state.lock();
+        for (u, sub) in fresh.iter().zip(subs) {
+            let Some(w) = st.watched.get_mut(u) else { continue }; // unwatched meanwhile
+            if let Ok(items) = &snapshot {
+                for o in items.iter().filter(|o| o.user == u.as_str()) {
+                    w.apply(o);
+                }
+            }
+            w.initialized = true;
+            let v = w.view();
+            w.sent = Some(v);
+            for c in w.subscribers.values() {
+                c.deliver(frame(u.as_str(), v));
+            }
+            let this = Arc::downgrade(self);
+            let user = u.clone();
+            let task = tokio::spawn(async move {
+                let mut sub = sub;
+                while let Some(msg) = sub.next().await {
+                    let Some(p) = this.upgrade() else { return };
+                    if let Some(o) = presence::observe(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) {
+                        p.on_change(&user, &o);
+                    }
+                }
+            });
+            w.task = Some(task.abort_handle());
+        }
+        snapshot.map(|_| ())
+    }
+
+    fn on_change(&self, user: &UserId, o: &Observed) {
+        let mut st = self.state.lock();
+        let Some(w) = st.watched.get_mut(user) else { return };
+        w.apply(o);
+        let v = w.view();
+        if w.initialized && w.sent.is_none_or(|s| s.status != v.status) {
+            w.sent = Some(v);
+            for c in w.subscribers.values() {
+                c.deliver(frame(user.as_str(), v));
+            }
+        }
+    }
+
+    /// Drops `conn`'s interest in `users` (all of them when `None`).
+    pub fn unwatch(&self, conn_id: u64, users: &HashSet<UserId>) {
+        let mut st = self.state.lock();
+        for u in users {
+            let empty = match st.watched.get_mut(u) {
+                Some(w) => {
+                    w.subscribers.remove(&conn_id);
+                    w.subscribers.is_empty()
+                }
+                None => false,
+            };
+            if empty && let Some(Watch { task: Some(t), .. }) = st.watched.remove(u) {
+                t.abort();
+            }
+        }
+    }
+
+    /// Current presence of `users` without subscribing (HTTP).
+    pub async fn lookup(&self, users: &[UserId]) -> Result<Vec<(UserId, View)>, String> {
+        let items = presence::snapshot(&self.nats, users).await?;
+        Ok(users
+            .iter()
+            .map(|u| {
+                let mut w = Watch {
+                    subscribers: HashMap::new(),
+                    nodes: HashMap::new(),
+                    last_seen_floor: 0,
+                    initialized: true,
+                    sent: None,
+                    task: None,
+                };
+                for o in items.iter().filter(|o| o.user == u.as_str()) {
+                    w.apply(o);
+                }
+                (u.clone(), w.view())
+            })
+            .collect())
+    }
+
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+}
+
+/// Writes entries in the order they were decided; acks are awaited together.
+async fn write_loop(js: jetstream::Context, node: NodeId, mut rx: mpsc::UnboundedReceiver<Write>) {
+    let mut acks = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            w = rx.recv() => {
+                let Some(w) = w else { break };
+                match presence::send(&js, &w.user, &node, &w.entry, w.ttl).await {
+                    Ok(fut) => acks.push(fut.into_future()),
+                    Err(e) => tracing::warn!(user = %w.user, error = %e, "presence write failed"),
+                }
+            }
+            Some(r) = acks.next(), if !acks.is_empty() => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "presence write not acknowledged");
+                }
+            }
+        }
+    }
+    while let Some(r) = acks.next().await {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "presence write not acknowledged");
+        }
+    }
+}
+
+/// Refreshes every local entry well within its TTL.
+async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
+    let Some(every) = p.upgrade().map(|p| p.settings.ttl / 3) else { return };
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(300)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(p) = p.upgrade() else { return };
+        let st = p.state.lock();
+        for (user, l) in st.local.iter().filter(|(_, l)| !l.sessions.is_empty()) {
+            let _ = p.writes.send(Write { user: user.clone(), entry: Presence::local_entry(l), ttl: p.settings.ttl });
+        }
+    }
+}
