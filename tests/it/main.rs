@@ -7,3 +7,4 @@ mod bad_input;
 mod cli;
 mod http_api;
 mod messaging;
+mod presence;

@@ -1,0 +1,215 @@
+//! Presence, typing and per-user events across gateways, including a
+//! gateway killed with SIGKILL.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// The next presence frame for `user`, skipping other frames.
+async fn presence_of(c: &mut Client, user: &str, within: Duration) -> Value {
+    let until = Instant::now() + within;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match c.next_within(left).await {
+            Some(Ok(v)) if v["type"] == "presence" && v["user"] == user => return v,
+            Some(Ok(_)) => continue,
+            other => panic!("{}: no presence for {user} within {within:?}: {other:?}", c.user),
+        }
+    }
+}
+
+async fn watch(c: &mut Client, user: &str) -> Value {
+    c.send(json!({"type":"presence_sub","users":[user]})).await;
+    presence_of(c, user, Duration::from_secs(5)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_away_and_offline_after_the_grace_reach_another_gateway() {
+    let s = Stack::with(&["--presence-grace", "1s"], &[]).await;
+    let mut bob = Client::connect(s.gw2.addr, "bob").await;
+    let first = watch(&mut bob, "alice").await;
+    assert_eq!(first["status"], "offline");
+
+    let t = Instant::now();
+    let mut alice = Client::connect(s.gw1.addr, "alice").await;
+    let p = presence_of(&mut bob, "alice", Duration::from_secs(1)).await;
+    assert_eq!(p["status"], "online", "{p}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+
+    alice.send(json!({"type":"presence","status":"away"})).await;
+    assert_eq!(presence_of(&mut bob, "alice", Duration::from_secs(1)).await["status"], "away");
+    alice.send(json!({"type":"presence","status":"online"})).await;
+    assert_eq!(presence_of(&mut bob, "alice", Duration::from_secs(1)).await["status"], "online");
+
+    let before_close = natter::bus::envelope::now_ms();
+    let closed = Instant::now();
+    drop(alice);
+    let p = presence_of(&mut bob, "alice", Duration::from_secs(4)).await;
+    let after = closed.elapsed();
+    assert_eq!(p["status"], "offline", "{p}");
+    assert!(after >= Duration::from_millis(900), "offline after {after:?}, before the 1 s grace");
+    assert!(p["last_seen"].as_i64().unwrap() >= before_close, "{p}");
+
+    // The HTTP view agrees.
+    let v: Value = http()
+        .get(format!("{}/v1/presence?users=alice,nobody", s.gw2.http()))
+        .bearer_auth(token("bob"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["presence"][0]["status"], "offline", "{v}");
+    assert_eq!(v["presence"][1], json!({"user":"nobody","status":"offline","last_seen":0}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_on_two_gateways_aggregate() {
+    let s = Stack::with(&["--presence-grace", "500ms"], &["--presence-grace", "500ms"]).await;
+    let mut bob = Client::connect(s.gw2.addr, "bob").await;
+    watch(&mut bob, "alice").await;
+    let mut phone = Client::connect(s.gw1.addr, "alice").await;
+    assert_eq!(presence_of(&mut bob, "alice", Duration::from_secs(2)).await["status"], "online");
+    let laptop = Client::connect(s.gw2.addr, "alice").await;
+    // The phone goes to background: the laptop keeps alice online.
+    phone.send(json!({"type":"presence","status":"away"})).await;
+    drop(laptop);
+    // Only away once the laptop's session is gone (after its grace).
+    assert_eq!(presence_of(&mut bob, "alice", Duration::from_secs(3)).await["status"], "away");
+    phone.send(json!({"type":"presence","status":"online"})).await;
+    assert_eq!(presence_of(&mut bob, "alice", Duration::from_secs(2)).await["status"], "online");
+    let laptop = Client::connect(s.gw2.addr, "alice").await;
+    drop(phone);
+    bob.expect_silence(Duration::from_millis(1500)).await; // still online
+    drop(laptop);
+    assert_eq!(presence_of(&mut bob, "alice", Duration::from_secs(3)).await["status"], "offline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_within_the_grace_sends_no_offline() {
+    let s = Stack::with(&["--presence-grace", "2s"], &["--presence-grace", "2s"]).await;
+    let mut bob = Client::connect(s.gw2.addr, "bob").await;
+    watch(&mut bob, "alice").await;
+    let alice = Client::connect(s.gw1.addr, "alice").await;
+    assert_eq!(presence_of(&mut bob, "alice", Duration::from_secs(2)).await["status"], "online");
+    drop(alice);
+    tokio::time::sleep(Duration::from_millis(300)).await; // a network blip
+    let _again = Client::connect(s.gw2.addr, "alice").await; // back, on the other gateway
+    bob.expect_silence(Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateways_users_go_offline_by_ttl_alone() {
+    let nats = NatsServer::start();
+    let db = TestDb::new().await;
+    let gw = spawn_gateway(&nats, &db, "gw-watch", &[]).await;
+    let mut doomed = GatewayProcess::start(&nats.url(), &db, "gw-doomed", &["--presence-ttl", "2s"]);
+    let mut bob = Client::connect(gw.addr, "bob").await;
+    watch(&mut bob, "alice").await;
+    let _alice = Client::connect(doomed.addr, "alice").await;
+    assert_eq!(presence_of(&mut bob, "alice", Duration::from_secs(2)).await["status"], "online");
+    // Stays online across heartbeats (TTL 2 s, refreshed every ~0.7 s).
+    bob.expect_silence(Duration::from_secs(3)).await;
+    let killed = Instant::now();
+    doomed.kill9();
+    let p = presence_of(&mut bob, "alice", Duration::from_secs(2 + 2 + 1)).await;
+    assert_eq!(p["status"], "offline", "{p}");
+    assert!(killed.elapsed() <= Duration::from_secs(4), "offline only after {:?}", killed.elapsed());
+    assert!(p["last_seen"].as_i64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_the_others_never_the_typist_and_stops_on_close() {
+    let s = Stack::start().await;
+    create_room(&s.gw1.http(), "alice", "r", &["bob", "carol"]).await;
+    let mut alice = Client::connect(s.gw1.addr, "alice").await;
+    let mut alice2 = Client::connect(s.gw2.addr, "alice").await;
+    let mut bob = Client::connect(s.gw2.addr, "bob").await;
+    let mut carol = Client::connect(s.gw2.addr, "carol").await;
+    for c in [&mut alice, &mut alice2, &mut bob, &mut carol] {
+        c.join("r", None).await;
+    }
+    alice.send(json!({"type":"typing","room":"r","active":true})).await;
+    let want = json!({"type":"typing","room":"r","user":"alice","active":true});
+    assert_eq!(bob.expect("typing").await, want);
+    assert_eq!(carol.expect("typing").await, want);
+    alice.expect_silence(Duration::from_millis(300)).await;
+    alice2.expect_silence(Duration::from_millis(100)).await;
+    // A flood of typing frames is rate limited, not fanned out.
+    for _ in 0..50 {
+        alice.send(json!({"type":"typing","room":"r","active":true})).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for c in [&mut bob, &mut carol] {
+        let mut n = 0;
+        while let Some(Ok(v)) = c.next_within(Duration::from_millis(200)).await {
+            assert_eq!(v["type"], "typing");
+            n += 1;
+        }
+        assert!(n <= 3, "{n} typing frames passed the limit");
+    }
+    // Typing into a room one is not in is refused.
+    alice.send(json!({"type":"typing","room":"elsewhere","active":true})).await;
+    assert_eq!(alice.expect("error").await["code"], "forbidden");
+    drop(alice); // mid-typing
+    let stop = bob.expect("typing").await;
+    assert_eq!(stop, json!({"type":"typing","room":"r","user":"alice","active":false}));
+    assert_eq!(carol.expect("typing").await["active"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_reach_the_user_at_once() {
+    let s = Stack::start().await;
+    create_room(&s.gw1.http(), "alice", "r", &[]).await;
+    let mut bob = Client::connect(s.gw2.addr, "bob").await;
+    bob.send(json!({"type":"join","room":"r"})).await;
+    assert_eq!(bob.expect("error").await["code"], "forbidden");
+
+    let r = http()
+        .post(format!("{}/v1/rooms/r/members", s.gw1.http()))
+        .bearer_auth(token("alice"))
+        .json(&json!({"user":"bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let ev = bob.expect("room_added").await;
+    assert_eq!((ev["room"].as_str(), ev["by"].as_str()), (Some("r"), Some("alice")));
+    bob.join("r", None).await;
+    bob.send_msg("r", "b1", "thanks").await;
+    bob.messages("r", 1).await;
+
+    let r = http()
+        .delete(format!("{}/v1/rooms/r/members/bob", s.gw1.http()))
+        .bearer_auth(token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(bob.expect("room_removed").await["room"], "r");
+    bob.send(json!({"type":"send","room":"r","id":"b2","body":"still here?"})).await;
+    assert_eq!(bob.expect("error").await["code"], "forbidden");
+    bob.send(json!({"type":"join","room":"r"})).await;
+    assert_eq!(bob.expect("error").await["code"], "forbidden");
+    // No longer receives the room.
+    let mut alice = Client::connect(s.gw1.addr, "alice").await;
+    alice.send_msg("r", "a1", "bye").await;
+    bob.expect_silence(Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_sessions_closes_them_everywhere() {
+    let s = Stack::start().await;
+    let mut a1 = Client::connect(s.gw1.addr, "alice").await;
+    let mut a2 = Client::connect(s.gw2.addr, "alice").await;
+    let mut bob = Client::connect(s.gw2.addr, "bob").await;
+    let r = http().delete(format!("{}/v1/sessions", s.gw1.http())).bearer_auth(token("alice")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(a1.expect_close().await, Some(4001));
+    assert_eq!(a2.expect_close().await, Some(4001));
+    bob.send(json!({"type":"ping"})).await;
+    bob.expect("pong").await;
+}
