@@ -23,6 +23,8 @@ pub enum Command {
     Gateway(Box<GatewaySettings>),
     /// Apply the PostgreSQL migrations (creates the database if needed; safe to re-run).
     Migrate(MigrateSettings),
+    /// Load generator: drive running gateways and print one JSON line per scenario.
+    Bench(crate::bench::BenchSettings),
     /// Mint a JWT for a user with the configured key (for development and tests).
     Token(TokenSettings),
 }

@@ -100,6 +100,12 @@ pub struct NatsSettings {
     /// NATS servers, comma-separated.
     #[arg(long, env = "NATTER_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// NATS user name (with NATTER_NATS_PASSWORD; see nats.conf).
+    #[arg(long, env = "NATTER_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATTER_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<Secret>,
     /// JetStream replicas of the CHAT stream and the KV buckets (3 on a production cluster).
     #[arg(long, env = "NATTER_STREAM_REPLICAS", default_value_t = 1)]
     pub stream_replicas: usize,

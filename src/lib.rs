@@ -13,6 +13,7 @@
 //!   subject injection; `config` + `cli` are the typed settings.
 
 pub mod auth;
+pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod config;

@@ -44,6 +44,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             eprintln!("natter: migrations up to date ({applied} applied now)");
             Ok(())
         }
+        Command::Bench(s) => natter::bench::run(s).await,
         Command::Token(s) => {
             let user = UserId::parse(&s.user).map_err(|e| anyhow::anyhow!("--user: {e}"))?;
             let signer = Signer::from_settings(&s.jwt, s.jwt_private_key.as_deref())?;

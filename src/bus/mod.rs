@@ -23,7 +23,14 @@ pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<async_nats:
         .split(',')
         .map(|u| u.trim().parse().with_context(|| format!("NATTER_NATS_URL: {u:?} is not a NATS URL")))
         .collect::<anyhow::Result<_>>()?;
-    async_nats::ConnectOptions::new()
+    let options = match (&s.nats_user, &s.nats_password) {
+        (Some(user), Some(pass)) => {
+            async_nats::ConnectOptions::with_user_and_password(user.clone(), pass.expose().to_owned())
+        }
+        (None, None) => async_nats::ConnectOptions::new(),
+        _ => anyhow::bail!("NATTER_NATS_USER and NATTER_NATS_PASSWORD go together"),
+    };
+    options
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .subscription_capacity(16 * 1024)

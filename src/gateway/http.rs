@@ -311,10 +311,8 @@ async fn presence(
         return Err(ApiError::bad_request(format!("users: 1 to {} ids", state.settings.presence_sub_max)));
     }
     let views = state.presence.lookup(&users).await.map_err(|e| ApiError::unavailable("presence", e))?;
-    let out: Vec<_> = views
-        .into_iter()
-        .map(|(u, v)| json!({"user": u, "status": v.status, "last_seen": v.last_seen}))
-        .collect();
+    let out: Vec<_> =
+        views.into_iter().map(|(u, v)| json!({"user": u, "status": v.status, "last_seen": v.last_seen})).collect();
     Ok(Json(json!({ "presence": out })))
 }
 

@@ -7,4 +7,5 @@ mod bad_input;
 mod cli;
 mod http_api;
 mod messaging;
+mod ops;
 mod presence;

@@ -1,0 +1,364 @@
+//! The NATS users and permissions of `nats.conf`, against a real nats-server.
+//!
+//! `nats.conf` keeps its accounts in `nats-accounts.conf` (`include
+//! ./nats-accounts.conf`). The test starts a server from a minimal config of
+//! its own (port, store dir, no cluster) that includes the repo's accounts file
+//! unchanged, with the passwords in the environment as in production. Then it
+//! does each user's work through async-nats, as natter does, and checks that the
+//! forbidden subjects are refused with a permissions violation.
+
+use std::{
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_nats::{
+    Client, ConnectOptions, Event, ServerError,
+    jetstream::{self, consumer::pull, kv, object_store},
+};
+use futures::StreamExt;
+use natter::{
+    bus::presence,
+    config::NatsSettings,
+    ids::{NodeId, UserId},
+};
+
+use crate::helpers::free_port;
+
+const GATEWAY_PASSWORD: &str = "test-gateway-password";
+const NOTIFIER_PASSWORD: &str = "test-notifier-password";
+const SYS_PASSWORD: &str = "test-sys-password";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A nats-server running from the repo's accounts file; killed on Drop.
+struct ConfiguredNats {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl ConfiguredNats {
+    fn start() -> Self {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let production = std::fs::read_to_string(root.join("nats.conf")).unwrap();
+        assert!(
+            production.lines().any(|l| l.trim() == "include ./nats-accounts.conf"),
+            "nats.conf must take its users from nats-accounts.conf, which this test checks"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        // `include` is relative to the including file: put an unchanged copy beside ours.
+        std::fs::copy(root.join("nats-accounts.conf"), dir.path().join("nats-accounts.conf")).unwrap();
+        let port = free_port();
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\n\
+                 jetstream {{ store_dir: \"{}\" }}\n\
+                 include ./nats-accounts.conf\n",
+                dir.path().join("js").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("nats.log")).unwrap();
+        let child = Command::new(nats_bin())
+            .arg("-c")
+            .arg(&conf)
+            .env("NATTER_GATEWAY_NATS_PASSWORD", GATEWAY_PASSWORD)
+            .env("NATTER_NOTIFIER_NATS_PASSWORD", NOTIFIER_PASSWORD)
+            .env("NATS_SYS_PASSWORD", SYS_PASSWORD)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server");
+        let mut s = Self { child, port, _dir: dir };
+        let until = Instant::now() + WAIT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = s.child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(s._dir.path().join("nats.log"));
+                panic!("nats-server exited ({status}) with the accounts file: {log:?}");
+            }
+            assert!(Instant::now() < until, "nats-server did not start on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for ConfiguredNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nats_bin() -> std::path::PathBuf {
+    std::env::var_os("NATTER_TEST_NATS_SERVER")
+        .map(Into::into)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/nats-server"))
+}
+
+/// A client plus the server errors (`-ERR`) it has been sent.
+struct User {
+    client: Client,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl User {
+    async fn connect(nats: &ConfiguredNats, user: &str, password: &str) -> Self {
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        let client = ConnectOptions::with_user_and_password(user.into(), password.into())
+            .event_callback(move |event| {
+                let sink = sink.clone();
+                async move {
+                    if let Event::ServerError(ServerError::Other(msg)) = event {
+                        sink.lock().unwrap().push(msg);
+                    }
+                }
+            })
+            .connect(nats.url())
+            .await
+            .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"));
+        Self { client, errors }
+    }
+
+    fn js(&self) -> jetstream::Context {
+        jetstream::new(self.client.clone())
+    }
+
+    /// Waits until the server has refused `what` (`Publish` or `Subscription`) on `subject`.
+    async fn refused(&self, what: &str, subject: &str) {
+        let needle = format!("permissions violation for {what} to \"{subject}\"").to_lowercase();
+        let until = Instant::now() + WAIT;
+        loop {
+            if self.errors.lock().unwrap().iter().any(|e| e.to_lowercase().contains(&needle)) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "no permissions violation for {what} to {subject}; server errors: {:?}",
+                self.errors.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Publishes to a subject this user must not publish to and waits for the refusal.
+    /// A reply inbox is attached, as a JetStream API request would have.
+    async fn publish_refused(&self, subject: &str) {
+        let inbox = self.client.new_inbox();
+        self.client.publish_with_reply(subject.to_owned(), inbox, "{}".into()).await.unwrap();
+        self.client.flush().await.unwrap();
+        self.refused("Publish", subject).await;
+    }
+
+    /// Every error so far is a refusal of one of `expected` (so the allowed work caused none).
+    fn only_refused(&self, expected: &[&str]) {
+        for e in self.errors.lock().unwrap().iter() {
+            assert!(expected.iter().any(|s| e.contains(&format!("\"{s}\""))), "unexpected server error: {e}");
+        }
+    }
+}
+
+fn settings(nats: &ConfiguredNats) -> NatsSettings {
+    NatsSettings {
+        nats_url: nats.url(),
+        nats_user: None,
+        nats_password: None,
+        stream_replicas: 1,
+        stream_max_age: Duration::from_secs(3600),
+        stream_max_per_room: 100,
+    }
+}
+
+/// What the gateway sets up at start, with natter's own code: the CHAT stream
+/// and the presence bucket (per-key TTL, limit markers, republish).
+async fn gateway_setup(nats: &ConfiguredNats, gw: &User) -> kv::Store {
+    let js = gw.js();
+    natter::bus::streams::ensure_chat(&js, &settings(nats)).await.expect("gateway creates the CHAT stream");
+    presence::ensure_bucket(&js, &settings(nats)).await.expect("gateway creates the presence bucket");
+    js.get_key_value("presence").await.expect("gateway opens the presence bucket")
+}
+
+/// A presence heartbeat as the gateway sends it (JetStream publish with a TTL).
+async fn heartbeat(gw: &User, user: &str) {
+    let entry = presence::Entry { status: presence::Status::Online, sessions: 1, last_seen: 1 };
+    presence::send(
+        &gw.js(),
+        &UserId::parse(user).unwrap(),
+        &NodeId::parse("gw1").unwrap(),
+        &entry,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("presence write")
+    .await
+    .expect("presence write acked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_user_does_its_work_and_nothing_else() {
+    let nats = ConfiguredNats::start();
+    let gw = User::connect(&nats, "gateway", GATEWAY_PASSWORD).await;
+    let presence = gateway_setup(&nats, &gw).await;
+    let js = gw.js();
+
+    // Live delivery: the stream republishes to live.room.<r>, which it may subscribe to.
+    let mut live = gw.client.subscribe("live.room.r").await.unwrap();
+    let mut typing = gw.client.subscribe("chat.room.r.typing").await.unwrap();
+    let _events = gw.client.subscribe("chat.user.alice.event").await.unwrap();
+    let mut presence_evt = gw.client.subscribe("presence.evt.alice.>").await.unwrap();
+
+    let ack = js
+        .publish("chat.room.r.msg", "{\"body\":\"hi\"}".into())
+        .await
+        .expect("publish to chat.room.r.msg")
+        .await
+        .expect("JetStream acks chat.room.r.msg");
+    assert_eq!(ack.stream, "CHAT");
+    assert_eq!(ack.sequence, 1);
+    let republished = tokio::time::timeout(WAIT, live.next()).await.expect("republished to live.room.r").unwrap();
+    assert_eq!(&republished.payload[..], b"{\"body\":\"hi\"}");
+
+    // Replay and gap repair read the stream by direct get.
+    let stream = js.get_stream("CHAT").await.expect("CHAT stream info");
+    let last =
+        stream.direct_get_last_for_subject("chat.room.r.msg").await.expect("direct get of the last room message");
+    assert_eq!(last.sequence, 1);
+
+    // Ephemeral core subjects.
+    gw.client.publish("chat.room.r.typing", "{}".into()).await.unwrap();
+    tokio::time::timeout(WAIT, typing.next()).await.expect("typing is delivered").unwrap();
+    for s in ["chat.room.r.event", "chat.user.alice.event"] {
+        gw.client.publish(s, "{}".into()).await.unwrap();
+    }
+
+    // Presence: heartbeat (republished to presence.evt.<user>.<node>), read back
+    // by key and by natter's batch snapshot (multi-last direct get).
+    heartbeat(&gw, "alice").await;
+    tokio::time::timeout(WAIT, presence_evt.next()).await.expect("presence change is republished").unwrap();
+    assert!(presence.get("alice.gw1").await.expect("presence get").is_some());
+    let snap = presence::snapshot(&gw.client, &[UserId::parse("alice").unwrap()]).await.expect("presence snapshot");
+    assert_eq!(snap.len(), 1);
+
+    // Attachments: the object store round trip.
+    let attachments = js
+        .create_object_store(object_store::Config { bucket: "attachments".into(), ..Default::default() })
+        .await
+        .expect("gateway creates the attachments object store");
+    let mut data: &[u8] = b"attachment bytes";
+    attachments.put("a1", &mut data).await.expect("object put");
+    let mut obj = attachments.get("a1").await.expect("object get");
+    let mut read = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut read).await.expect("object read");
+    assert_eq!(read, b"attachment bytes");
+
+    // Forbidden: stream admin, other consumers' work, arbitrary subjects.
+    let forbidden_pub = [
+        "$JS.API.STREAM.DELETE.CHAT",
+        "$JS.API.STREAM.PURGE.CHAT",
+        "$JS.API.CONSUMER.CREATE.CHAT.x",
+        "$JS.API.STREAM.DELETE.KV_presence",
+        "live.room.r",
+        "admin.x",
+    ];
+    for s in forbidden_pub {
+        gw.publish_refused(s).await;
+    }
+    // It may not listen to every room's stored messages either.
+    let _all = gw.client.subscribe("chat.room.>").await.unwrap();
+    gw.client.flush().await.unwrap();
+    gw.refused("Subscription", "chat.room.>").await;
+
+    let mut expected = forbidden_pub.to_vec();
+    expected.push("chat.room.>");
+    gw.only_refused(&expected);
+
+    let info = js.get_stream("CHAT").await.unwrap().info().await.unwrap().clone();
+    assert_eq!(info.state.messages, 1, "CHAT survived the refused requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifier_user_consumes_but_cannot_publish_messages() {
+    let nats = ConfiguredNats::start();
+    let gw = User::connect(&nats, "gateway", GATEWAY_PASSWORD).await;
+    gateway_setup(&nats, &gw).await;
+    gw.js().publish("chat.room.r.msg", "{\"body\":\"hi\"}".into()).await.unwrap().await.unwrap();
+    heartbeat(&gw, "bob").await;
+
+    let nt = User::connect(&nats, "notifier", NOTIFIER_PASSWORD).await;
+    let js = nt.js();
+
+    // The durable pull consumer that all notifier replicas share.
+    let stream = js.get_stream("CHAT").await.expect("notifier reads CHAT info");
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(
+            "notifier",
+            pull::Config {
+                durable_name: Some("notifier".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                max_deliver: 5,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("notifier creates its durable consumer");
+    let mut batch = consumer.fetch().max_messages(10).expires(Duration::from_secs(2)).messages().await.expect("fetch");
+    let msg = tokio::time::timeout(WAIT, batch.next()).await.expect("a message is fetched").unwrap().unwrap();
+    assert_eq!(msg.subject.as_str(), "chat.room.r.msg");
+    msg.double_ack().await.expect("the ack is accepted");
+
+    // Presence reads.
+    let kv = js.get_key_value("presence").await.expect("notifier opens the presence bucket");
+    assert!(kv.get("bob.gw1").await.expect("presence get").is_some());
+    let snap = presence::snapshot(&nt.client, &[UserId::parse("bob").unwrap()]).await.expect("presence snapshot");
+    assert_eq!(snap.len(), 1);
+
+    // "Unread changed" for a user.
+    nt.client.publish("chat.user.bob.event", "{}".into()).await.unwrap();
+
+    let forbidden_pub = [
+        "chat.room.r.msg",
+        "chat.room.r.typing",
+        "$KV.presence.bob.gw1",
+        "$JS.API.STREAM.DELETE.CHAT",
+        "$JS.API.STREAM.CREATE.CHAT",
+        "$JS.API.STREAM.PURGE.CHAT",
+    ];
+    for s in forbidden_pub {
+        nt.publish_refused(s).await;
+    }
+    let _live = nt.client.subscribe("live.room.r").await.unwrap();
+    nt.client.flush().await.unwrap();
+    nt.refused("Subscription", "live.room.r").await;
+
+    let mut expected = forbidden_pub.to_vec();
+    expected.push("live.room.r");
+    nt.only_refused(&expected);
+
+    let info = gw.js().get_stream("CHAT").await.unwrap().info().await.unwrap().clone();
+    assert_eq!(info.state.messages, 1, "the notifier stored nothing in CHAT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_refused() {
+    let nats = ConfiguredNats::start();
+    let res =
+        ConnectOptions::with_user_and_password("gateway".into(), "not-the-password".into()).connect(nats.url()).await;
+    assert!(res.is_err(), "a wrong password must not connect");
+    // And the system user exists with its own password.
+    let sys = ConnectOptions::with_user_and_password("sys".into(), SYS_PASSWORD.into())
+        .connect(nats.url())
+        .await
+        .expect("sys connects");
+    sys.flush().await.unwrap();
+}
