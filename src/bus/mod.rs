@@ -15,9 +15,14 @@ use anyhow::Context;
 
 use crate::config::NatsSettings;
 
+/// Counts (re)connections: a change means the connection came back and core
+/// messages sent meanwhile may be lost (room tails and presence are re-read).
+pub type Reconnects = tokio::sync::watch::Receiver<u64>;
+
 /// Connects to NATS, failing within a few seconds when no server answers.
 /// Once connected the client reconnects by itself forever.
-pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<async_nats::Client> {
+pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<(async_nats::Client, Reconnects)> {
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
     let servers: Vec<async_nats::ServerAddr> = s
         .nats_url
         .split(',')
@@ -30,12 +35,24 @@ pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<async_nats:
         (None, None) => async_nats::ConnectOptions::new(),
         _ => anyhow::bail!("NATTER_NATS_USER and NATTER_NATS_PASSWORD go together"),
     };
-    options
+    let events = move |ev: async_nats::Event| {
+        let tx = tx.clone();
+        async move {
+            match ev {
+                async_nats::Event::Connected => tx.send_modify(|n| *n += 1),
+                async_nats::Event::SlowConsumer(sid) => tracing::warn!(sid, "NATS subscription overflowed"),
+                other => tracing::info!(event = %other, "NATS connection event"),
+            }
+        }
+    };
+    let client = options
+        .event_callback(events)
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .subscription_capacity(16 * 1024)
         .retain_servers_order()
         .connect(servers.as_slice())
         .await
-        .with_context(|| format!("cannot connect to NATS at {}", s.nats_url))
+        .with_context(|| format!("cannot connect to NATS at {}", s.nats_url))?;
+    Ok((client, rx))
 }

@@ -74,6 +74,13 @@ impl Hub {
         }
     }
 
+    /// Asks every room task to look for messages lost at its tail.
+    pub fn check_tails(&self) {
+        for slot in self.rooms.lock().values() {
+            let _ = slot.tx.send(RoomCmd::CheckTail);
+        }
+    }
+
     /// Rooms with a room task on this gateway.
     pub fn room_count(&self) -> usize {
         self.rooms.lock().len()

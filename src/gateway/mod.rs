@@ -74,7 +74,8 @@ impl Gateway {
         let node = settings.node_id()?;
         let verifier = Verifier::from_settings(&settings.jwt)?;
         let db = crate::db::connect(&settings.db).await?;
-        let nats = bus::connect(&settings.nats, &format!("natter-gateway-{node}")).await?;
+        let (nats, mut reconnects) = bus::connect(&settings.nats, &format!("natter-gateway-{node}")).await?;
+        reconnects.mark_unchanged();
         let js = jetstream::new(nats.clone());
         let stream = bus::streams::ensure_chat(&js, &settings.nats).await?;
         bus::presence::ensure_bucket(&js, &settings.nats).await?;
@@ -114,6 +115,7 @@ impl Gateway {
             accepting: Arc::new(AtomicBool::new(true)),
             next_conn: Arc::new(AtomicU64::new(1)),
         };
+        tokio::spawn(resync_on_reconnect(reconnects, state.hub.clone(), state.presence.clone()));
         Ok(Self { listener, state })
     }
 
@@ -136,10 +138,22 @@ impl Gateway {
                 conns_stop.cancel();
             });
         serve.await.context("HTTP server failed")?;
+        let n = state.presence.hand_over(Duration::from_secs(3)).await;
+        tracing::info!(users = n, "presence entries set to expire after the grace");
         if tokio::time::timeout(Duration::from_secs(5), state.nats.drain()).await.is_err() {
             tracing::warn!("NATS drain did not finish in 5 s");
         }
         tracing::info!("gateway stopped");
         Ok(())
+    }
+}
+
+/// After NATS comes back, what core subscriptions may have missed is re-read
+/// from JetStream: every room's tail and every watched user's presence.
+async fn resync_on_reconnect(mut reconnects: bus::Reconnects, hub: Arc<hub::Hub>, presence: Arc<presence::Presence>) {
+    while reconnects.changed().await.is_ok() {
+        tracing::info!(rooms = hub.room_count(), "NATS reconnected: re-reading room tails and presence");
+        hub.check_tails();
+        presence.resync().await;
     }
 }

@@ -83,6 +83,8 @@ struct Write {
     user: UserId,
     entry: Entry,
     ttl: Duration,
+    /// Answered once this write and all before it are acknowledged.
+    done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 struct State {
@@ -143,7 +145,7 @@ impl Presence {
         let e = Self::local_entry(l);
         if l.published != Some((e.status, e.sessions)) {
             l.published = Some((e.status, e.sessions));
-            let _ = self.writes.send(Write { user: user.clone(), entry: e, ttl: self.settings.ttl });
+            let _ = self.writes.send(Write { user: user.clone(), entry: e, ttl: self.settings.ttl, done: None });
         }
     }
 
@@ -189,20 +191,33 @@ impl Presence {
             if still_gone {
                 st.local.remove(&user);
                 let entry = Entry { status: Status::Offline, sessions: 0, last_seen: now_ms() };
-                let _ = p.writes.send(Write { user, entry, ttl: OFFLINE_RECORD_TTL });
+                let _ = p.writes.send(Write { user, entry, ttl: OFFLINE_RECORD_TTL, done: None });
             }
         });
     }
 
-    /// Writes every local user offline at once (graceful shutdown).
-    pub fn all_offline(&self) -> usize {
-        let mut st = self.state.lock();
-        let users: Vec<UserId> = st.local.drain().map(|(u, _)| u).collect();
-        for user in &users {
-            let entry = Entry { status: Status::Offline, sessions: 0, last_seen: now_ms() };
-            let _ = self.writes.send(Write { user: user.clone(), entry, ttl: OFFLINE_RECORD_TTL });
+    /// Graceful shutdown: rewrites every local entry to expire after the
+    /// grace period, then waits (bounded) for the writes to be stored. Users
+    /// who reconnect elsewhere within the grace never show offline; the
+    /// others go offline when their entry expires, with no process left.
+    pub async fn hand_over(&self, within: Duration) -> usize {
+        let (done, stored) = tokio::sync::oneshot::channel();
+        let local: Vec<(UserId, Local)> = self.state.lock().local.drain().collect();
+        let n = local.len();
+        let mut done = Some(done);
+        let ttl = self.settings.grace.max(Duration::from_secs(1));
+        for (i, (user, l)) in local.into_iter().enumerate() {
+            let mut entry = Self::local_entry(&l);
+            if l.sessions.is_empty() {
+                entry.status = Status::Offline; // already in its grace period
+            }
+            let done = if i + 1 == n { done.take() } else { None };
+            let _ = self.writes.send(Write { user, entry, ttl, done });
         }
-        users.len()
+        if n > 0 {
+            let _ = tokio::time::timeout(within, stored).await;
+        }
+        n
     }
 
     /// Subscribes `conn` to `users`' presence: each gets one frame with the
@@ -292,6 +307,40 @@ impl Presence {
         }
     }
 
+    /// Re-reads every watched user's entries and announces what changed
+    /// (after a NATS reconnect, when change events may have been missed).
+    pub async fn resync(&self) {
+        let users: Vec<UserId> = self.state.lock().watched.keys().cloned().collect();
+        for chunk in users.chunks(500) {
+            let items = match presence::snapshot(&self.nats, chunk).await {
+                Ok(items) => items,
+                Err(e) => return tracing::warn!(error = %e, "presence resync failed"),
+            };
+            let mut st = self.state.lock();
+            for u in chunk {
+                let Some(w) = st.watched.get_mut(u) else { continue };
+                // Entries absent from the snapshot are gone.
+                let present: HashSet<&str> =
+                    items.iter().filter(|o| o.user == u.as_str()).map(|o| o.node.as_str()).collect();
+                for (node, (_, entry)) in w.nodes.iter_mut() {
+                    if !present.contains(node.as_str()) {
+                        *entry = None;
+                    }
+                }
+                for o in items.iter().filter(|o| o.user == u.as_str()) {
+                    w.apply(o);
+                }
+                let v = w.view();
+                if w.initialized && w.sent.is_none_or(|s| s.status != v.status) {
+                    w.sent = Some(v);
+                    for c in w.subscribers.values() {
+                        c.deliver(frame(u.as_str(), v));
+                    }
+                }
+            }
+        }
+    }
+
     /// Drops `conn`'s interest in `users` (all of them when `None`).
     pub fn unwatch(&self, conn_id: u64, users: &HashSet<UserId>) {
         let mut st = self.state.lock();
@@ -347,6 +396,14 @@ async fn write_loop(js: jetstream::Context, node: NodeId, mut rx: mpsc::Unbounde
                     Ok(fut) => acks.push(fut.into_future()),
                     Err(e) => tracing::warn!(user = %w.user, error = %e, "presence write failed"),
                 }
+                if let Some(done) = w.done {
+                    while let Some(r) = acks.next().await {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "presence write not acknowledged");
+                        }
+                    }
+                    let _ = done.send(());
+                }
             }
             Some(r) = acks.next(), if !acks.is_empty() => {
                 if let Err(e) = r {
@@ -376,7 +433,12 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
         let Some(p) = p.upgrade() else { return };
         let st = p.state.lock();
         for (user, l) in st.local.iter().filter(|(_, l)| !l.sessions.is_empty()) {
-            let _ = p.writes.send(Write { user: user.clone(), entry: Presence::local_entry(l), ttl: p.settings.ttl });
+            let _ = p.writes.send(Write {
+                user: user.clone(),
+                entry: Presence::local_entry(l),
+                ttl: p.settings.ttl,
+                done: None,
+            });
         }
     }
 }

@@ -40,6 +40,8 @@ pub enum RoomCmd {
     Leave {
         conn_id: u64,
     },
+    /// Re-read the stream for messages after the last delivered one.
+    CheckTail,
 }
 
 /// What a room task needs from the gateway.
@@ -157,6 +159,7 @@ impl Room {
             RoomCmd::Leave { conn_id } => {
                 self.members.remove(&conn_id);
             }
+            RoomCmd::CheckTail => self.check_tail().await,
         }
     }
 
