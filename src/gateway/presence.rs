@@ -63,6 +63,21 @@ struct Watch {
 }
 
 impl Watch {
+    fn new(subscribers: HashMap<u64, Arc<ConnHandle>>) -> Self {
+        Self { subscribers, nodes: HashMap::new(), last_seen_floor: 0, initialized: false, sent: None, task: None }
+    }
+
+    /// Tells every subscriber when the aggregated status changed.
+    fn announce(&mut self, user: &UserId) {
+        let v = self.view();
+        if self.initialized && self.sent.is_none_or(|s| s.status != v.status) {
+            self.sent = Some(v);
+            for c in self.subscribers.values() {
+                c.deliver(frame(user.as_str(), v));
+            }
+        }
+    }
+
     fn view(&self) -> View {
         let (status, seen) = presence::aggregate(self.nodes.values().filter_map(|(_, e)| e.as_ref()));
         View { status, last_seen: seen.max(self.last_seen_floor) }
@@ -237,17 +252,7 @@ impl Presence {
                         }
                     }
                     None => {
-                        st.watched.insert(
-                            u.clone(),
-                            Watch {
-                                subscribers: HashMap::from([(conn.id, conn.clone())]),
-                                nodes: HashMap::new(),
-                                last_seen_floor: 0,
-                                initialized: false,
-                                sent: None,
-                                task: None,
-                            },
-                        );
+                        st.watched.insert(u.clone(), Watch::new(HashMap::from([(conn.id, conn.clone())])));
                         fresh.push(u.clone());
                     }
                 }
@@ -298,13 +303,7 @@ impl Presence {
         let mut st = self.state.lock();
         let Some(w) = st.watched.get_mut(user) else { return };
         w.apply(o);
-        let v = w.view();
-        if w.initialized && w.sent.is_none_or(|s| s.status != v.status) {
-            w.sent = Some(v);
-            for c in w.subscribers.values() {
-                c.deliver(frame(user.as_str(), v));
-            }
-        }
+        w.announce(user);
     }
 
     /// Re-reads every watched user's entries and announces what changed
@@ -330,13 +329,7 @@ impl Presence {
                 for o in items.iter().filter(|o| o.user == u.as_str()) {
                     w.apply(o);
                 }
-                let v = w.view();
-                if w.initialized && w.sent.is_none_or(|s| s.status != v.status) {
-                    w.sent = Some(v);
-                    for c in w.subscribers.values() {
-                        c.deliver(frame(u.as_str(), v));
-                    }
-                }
+                w.announce(u);
             }
         }
     }
@@ -364,14 +357,7 @@ impl Presence {
         Ok(users
             .iter()
             .map(|u| {
-                let mut w = Watch {
-                    subscribers: HashMap::new(),
-                    nodes: HashMap::new(),
-                    last_seen_floor: 0,
-                    initialized: true,
-                    sent: None,
-                    task: None,
-                };
+                let mut w = Watch::new(HashMap::new());
                 for o in items.iter().filter(|o| o.user == u.as_str()) {
                     w.apply(o);
                 }
