@@ -6,7 +6,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{GatewaySettings, LogSettings, MigrateSettings, TokenSettings};
+use crate::config::{GatewaySettings, LogSettings, MigrateSettings, NotifierSettings, TokenSettings};
 
 #[derive(Debug, Parser)]
 #[command(name = "natter", version, about = "Chat gateway on NATS JetStream", long_about = None)]
@@ -21,6 +21,10 @@ pub struct Cli {
 pub enum Command {
     /// Serve WebSocket and HTTP clients (stateless; run several behind a load balancer).
     Gateway(Box<GatewaySettings>),
+    /// Offline delivery: unread counts, APNS / FCM pushes and the message archive (scale on consumer lag).
+    Notifier(Box<NotifierSettings>),
+    /// Local APNS + FCM stand-in speaking their wire protocols (development, tests, benchmarks).
+    PushEmulator(crate::push::emulator::EmulatorSettings),
     /// Apply the PostgreSQL migrations (creates the database if needed; safe to re-run).
     Migrate(MigrateSettings),
     /// Load generator: drive running gateways and print one JSON line per scenario.

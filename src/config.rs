@@ -209,3 +209,86 @@ pub struct TokenSettings {
     #[arg(long, env = "NATTER_JWT_PRIVATE_KEY")]
     pub jwt_private_key: Option<PathBuf>,
 }
+
+/// Apple Push Notification service (token auth with a .p8 key).
+#[derive(Debug, Clone, Args)]
+pub struct ApnsSettings {
+    /// APNS base URL: `https://` for Apple, `http://` (HTTP/2 prior knowledge) for emulators and relays.
+    #[arg(long, env = "NATTER_APNS_URL", default_value = "https://api.push.apple.com")]
+    pub apns_url: url::Url,
+    /// Path of the .p8 signing key (PKCS#8 PEM, P-256); APNS is off without it.
+    #[arg(long, env = "NATTER_APNS_KEY")]
+    pub apns_key: Option<PathBuf>,
+    /// Key id of the .p8 key (the JWT `kid`).
+    #[arg(long, env = "NATTER_APNS_KEY_ID")]
+    pub apns_key_id: Option<String>,
+    /// Apple developer team id (the JWT `iss`).
+    #[arg(long, env = "NATTER_APNS_TEAM_ID")]
+    pub apns_team_id: Option<String>,
+    /// Default `apns-topic` (the app's bundle id) for devices registered without one.
+    #[arg(long, env = "NATTER_APNS_TOPIC")]
+    pub apns_topic: Option<String>,
+}
+
+/// Firebase Cloud Messaging HTTP v1 (service account).
+#[derive(Debug, Clone, Args)]
+pub struct FcmSettings {
+    /// FCM base URL (`https://fcm.googleapis.com`, or an emulator / relay).
+    #[arg(long, env = "NATTER_FCM_URL", default_value = "https://fcm.googleapis.com")]
+    pub fcm_url: url::Url,
+    /// Path of the service-account JSON; its `token_uri` is the OAuth endpoint. FCM is off without it.
+    #[arg(long, env = "NATTER_FCM_CREDENTIALS")]
+    pub fcm_credentials: Option<PathBuf>,
+    /// Firebase project id (default: the service account's `project_id`).
+    #[arg(long, env = "NATTER_FCM_PROJECT")]
+    pub fcm_project: Option<String>,
+}
+
+/// How pushes are sent, whichever the provider.
+#[derive(Debug, Clone, Args)]
+pub struct PushSettings {
+    #[command(flatten)]
+    pub apns: ApnsSettings,
+    #[command(flatten)]
+    pub fcm: FcmSettings,
+    /// Time limit of one push request.
+    #[arg(long, env = "NATTER_PUSH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub push_timeout: Duration,
+    /// Attempts per push on 429, 5xx and timeouts (1 = no retry).
+    #[arg(long, env = "NATTER_PUSH_ATTEMPTS", default_value_t = 5)]
+    pub push_attempts: u32,
+    /// Longest wait between two attempts (Retry-After beyond it counts as a failure).
+    #[arg(long, env = "NATTER_PUSH_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub push_max_backoff: Duration,
+    /// Pushes in flight at once per notifier.
+    #[arg(long, env = "NATTER_PUSH_CONCURRENCY", default_value_t = 128)]
+    pub push_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NotifierSettings {
+    #[command(flatten)]
+    pub nats: NatsSettings,
+    #[command(flatten)]
+    pub db: DatabaseSettings,
+    #[command(flatten)]
+    pub push: PushSettings,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "NATTER_LISTEN", default_value = "0.0.0.0:8081")]
+    pub listen: SocketAddr,
+    /// Messages fetched per batch from the `notifier` consumer.
+    #[arg(long = "notifier-batch", env = "NATTER_NOTIFIER_BATCH", default_value_t = 256)]
+    pub batch: usize,
+    /// Deliveries of one message before it is dead-lettered.
+    #[arg(long = "notifier-max-deliver", env = "NATTER_NOTIFIER_MAX_DELIVER", default_value_t = 5)]
+    pub max_deliver: i64,
+    /// How long a fetched message may stay unacknowledged before redelivery.
+    #[arg(long = "notifier-ack-wait", env = "NATTER_NOTIFIER_ACK_WAIT", default_value = "60s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+    /// Away users count as offline: unread bumps and pushes for them too.
+    #[arg(long, env = "NATTER_PUSH_WHEN_AWAY", default_value_t = false)]
+    pub push_when_away: bool,
+    /// Copy messages into the PostgreSQL archive (durable consumer `archiver`).
+    #[arg(long, env = "NATTER_ARCHIVE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub archive: bool,
+}

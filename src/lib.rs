@@ -21,5 +21,7 @@ pub mod db;
 pub mod error;
 pub mod gateway;
 pub mod ids;
+pub mod notifier;
+pub mod push;
 pub mod shutdown;
 pub mod telemetry;

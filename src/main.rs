@@ -39,6 +39,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             shutdown::on_signal(stop.clone());
             Gateway::build(*settings).await?.run_until_stopped(stop).await
         }
+        Command::Notifier(settings) => {
+            let stop = CancellationToken::new();
+            shutdown::on_signal(stop.clone());
+            natter::notifier::run(*settings, stop).await
+        }
+        Command::PushEmulator(settings) => {
+            let stop = CancellationToken::new();
+            shutdown::on_signal(stop.clone());
+            natter::push::emulator::run(settings, stop).await
+        }
         Command::Migrate(s) => {
             let applied = db::migrate(&s.db).await?;
             eprintln!("natter: migrations up to date ({applied} applied now)");

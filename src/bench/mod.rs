@@ -2,6 +2,7 @@
 //! client protocol (tokens minted with the configured key) and prints one
 //! JSON line per scenario. Scenarios live one per file.
 
+pub mod notifier;
 pub mod presence;
 
 use std::time::Duration;
@@ -30,6 +31,8 @@ pub struct BenchSettings {
 pub enum Scenario {
     /// Status change → remote delivery latency across gateways.
     Presence(presence::PresenceArgs),
+    /// Notifier throughput: unread bumps and pushes per second against the push emulator.
+    Notifier(notifier::NotifierArgs),
 }
 
 pub async fn run(s: BenchSettings) -> anyhow::Result<()> {
@@ -37,6 +40,7 @@ pub async fn run(s: BenchSettings) -> anyhow::Result<()> {
     let signer = Signer::hs256(s.jwt_secret.expose());
     let line = match s.scenario {
         Scenario::Presence(a) => presence::run(&gateways, &signer, a).await?,
+        Scenario::Notifier(a) => notifier::run(&gateways, &signer, a).await?,
     };
     println!("{line}");
     Ok(())

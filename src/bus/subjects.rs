@@ -15,6 +15,17 @@ pub fn room_msg(room: &RoomId) -> String {
     format!("chat.room.{room}.msg")
 }
 
+/// The room of a CHAT stream subject (`chat.room.<r>.msg`), checked.
+pub fn room_of_msg(subject: &str) -> Option<RoomId> {
+    let room = subject.strip_prefix("chat.room.")?.strip_suffix(".msg")?;
+    RoomId::parse(room).ok()
+}
+
+/// Durable consumer shared by every notifier replica (unread + pushes).
+pub const NOTIFIER_CONSUMER: &str = "notifier";
+/// Durable consumer that copies messages into the PostgreSQL archive.
+pub const ARCHIVER_CONSUMER: &str = "archiver";
+
 /// The republished copy of each stored message, for live delivery.
 pub fn live_room(room: &RoomId) -> String {
     format!("live.room.{room}")

@@ -1,7 +1,10 @@
 //! PostgreSQL: the pool, migrations and the schema check. Queries live in one
-//! file per table group (`rooms.rs`).
+//! file per table group.
 
+pub mod archive;
+pub mod devices;
 pub mod rooms;
+pub mod unread;
 
 use std::{collections::HashSet, str::FromStr, time::Duration};
 
@@ -90,4 +93,9 @@ pub fn redact(url: &str) -> String {
         }
         Err(_) => "<unparsable URL>".to_owned(),
     }
+}
+
+/// True when PostgreSQL answers within a second.
+pub async fn ping(pool: &PgPool) -> bool {
+    tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(pool)).await.is_ok_and(|r| r.is_ok())
 }

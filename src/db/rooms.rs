@@ -10,6 +10,7 @@ pub struct RoomSummary {
     pub id: String,
     pub name: String,
     pub role: String,
+    pub muted: bool,
     pub last_read_seq: i64,
 }
 
@@ -73,7 +74,7 @@ pub async fn exists(pool: &PgPool, room: &RoomId) -> sqlx::Result<bool> {
 /// Rooms of a user, most recently joined first.
 pub async fn list_for(pool: &PgPool, user: &UserId) -> sqlx::Result<Vec<RoomSummary>> {
     sqlx::query_as(
-        "SELECT r.id, r.name, m.role, m.last_read_seq
+        "SELECT r.id, r.name, m.role, m.muted, m.last_read_seq
          FROM room_members m JOIN rooms r ON r.id = m.room_id
          WHERE m.user_id = $1 ORDER BY m.joined_at DESC, r.id LIMIT 1000",
     )
@@ -111,16 +112,51 @@ pub async fn remove_member(pool: &PgPool, room: &RoomId, user: &UserId) -> sqlx:
     Ok(n == 1)
 }
 
-/// Moves the read marker forward (never back). Returns the marker now stored,
+/// Moves the read marker forward (never back) and clears what it covers from
+/// the unread counts. Returns the marker now stored,
 /// or `None` when the user is not a member.
 pub async fn mark_read(pool: &PgPool, room: &RoomId, user: &UserId, seq: u64) -> sqlx::Result<Option<i64>> {
     sqlx::query_scalar(
-        "UPDATE room_members SET last_read_seq = GREATEST(last_read_seq, $3)
-         WHERE room_id = $1 AND user_id = $2 RETURNING last_read_seq",
+        "WITH marked AS (
+             UPDATE room_members SET last_read_seq = GREATEST(last_read_seq, $3)
+             WHERE room_id = $1 AND user_id = $2 RETURNING last_read_seq
+         ), pruned AS (
+             DELETE FROM unread WHERE room_id = $1 AND user_id = $2 AND seq <= $3
+         )
+         SELECT last_read_seq FROM marked",
     )
     .bind(room.as_str())
     .bind(user.as_str())
     .bind(i64::try_from(seq).unwrap_or(i64::MAX))
     .fetch_optional(pool)
     .await
+}
+
+/// Mutes or unmutes a room for a member (no unread bumps or pushes while
+/// muted). `false` when the user is not a member.
+pub async fn set_muted(pool: &PgPool, room: &RoomId, user: &UserId, muted: bool) -> sqlx::Result<bool> {
+    let n = sqlx::query("UPDATE room_members SET muted = $3 WHERE room_id = $1 AND user_id = $2")
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(muted)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(n == 1)
+}
+
+/// A member who may be notified of a room's messages.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Recipient {
+    pub room_id: String,
+    pub user_id: String,
+    pub last_read_seq: i64,
+}
+
+/// The unmuted members of these rooms.
+pub async fn recipients(pool: &PgPool, rooms: &[&str]) -> sqlx::Result<Vec<Recipient>> {
+    sqlx::query_as("SELECT room_id, user_id, last_read_seq FROM room_members WHERE room_id = ANY($1) AND NOT muted")
+        .bind(rooms)
+        .fetch_all(pool)
+        .await
 }

@@ -7,7 +7,7 @@ use axum::{
     extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State},
     http::{StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
-    routing::{delete, get, post},
+    routing::{delete, get, post, put},
 };
 use bytes::Bytes;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -25,6 +25,7 @@ use crate::{
     db::{self, rooms::Role},
     error::ApiError,
     ids::{ClientMsgId, RoomId, UserId},
+    push::Platform,
 };
 
 pub fn router(state: AppState) -> Router {
@@ -36,6 +37,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rooms/{id}/members/{user}", delete(remove_member))
         .route("/v1/rooms/{id}/messages", get(history).post(send_message))
         .route("/v1/rooms/{id}/read", post(mark_read))
+        .route("/v1/rooms/{id}/mute", put(mute_room))
+        .route("/v1/unread", get(unread))
+        .route("/v1/devices", post(register_device).get(list_devices))
+        .route("/v1/devices/{token}", delete(unregister_device))
         .route("/v1/presence", get(presence))
         .route("/v1/sessions", delete(revoke_sessions))
         .route("/healthz", get(|| async { "ok" }))
@@ -133,6 +138,7 @@ async fn create_room(State(state): State<AppState>, Caller(me): Caller, body: By
 
 async fn list_rooms(State(state): State<AppState>, Caller(me): Caller) -> Result<Json<serde_json::Value>, ApiError> {
     let rooms = db::rooms::list_for(&state.db, &me.user).await?;
+    let unread = db::unread::by_room(&state.db, &me.user).await?;
     let lasts = futures::future::join_all(rooms.iter().map(|r| async {
         match RoomId::parse(&r.id) {
             Ok(id) => directget::last_seq(&state.stream, &subjects::room_msg(&id)).await.ok(),
@@ -144,7 +150,9 @@ async fn list_rooms(State(state): State<AppState>, Caller(me): Caller) -> Result
         .into_iter()
         .zip(lasts)
         .map(|(r, last)| {
-            json!({"id": r.id, "name": r.name, "role": r.role, "last_read_seq": r.last_read_seq, "last_seq": last})
+            let count = unread.get(&r.id).copied().unwrap_or(0);
+            json!({"id": r.id, "name": r.name, "role": r.role, "muted": r.muted, "last_read_seq": r.last_read_seq,
+                   "last_seq": last, "unread": count})
         })
         .collect();
     Ok(Json(json!({ "rooms": out })))
@@ -227,13 +235,19 @@ async fn history(
     .await
     .map_err(|_| ApiError::unavailable("message stream", "timed out"))?
     .map_err(|e| ApiError::unavailable("message stream", e))?;
-    let messages: Vec<MessageView> = found
+    let oldest = found.last().map_or(before, |m| m.seq);
+    let mut messages: Vec<MessageView> = found
         .into_iter()
         .filter_map(|m| {
             let msg: StoredMessage = serde_json::from_slice(&m.payload).ok()?;
             Some(MessageView { room: room.to_string(), seq: m.seq, msg })
         })
         .collect();
+    // What the stream no longer keeps comes from the archive.
+    if messages.len() < limit {
+        let older = db::archive::newest_before(&state.db, room.as_str(), oldest, limit - messages.len()).await?;
+        messages.extend(older);
+    }
     Ok(Json(json!({ "messages": messages })))
 }
 
@@ -281,6 +295,91 @@ async fn mark_read(
     let req: ReadBody = parse(&body)?;
     connection::publish_read(&state, &room, &me.user, req.seq, None).await?;
     Ok(Json(json!({"room": room, "seq": req.seq})))
+}
+
+#[derive(Deserialize)]
+struct MuteBody {
+    muted: bool,
+}
+
+/// `PUT /v1/rooms/{id}/mute`: no unread bumps or pushes for the caller in this room.
+async fn mute_room(
+    State(state): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let room = room_id(&id)?;
+    let req: MuteBody = parse(&body)?;
+    if !db::rooms::set_muted(&state.db, &room, &me.user, req.muted).await? {
+        require_member(&state, &room, &me.user).await?;
+    }
+    Ok(Json(json!({"room": room, "muted": req.muted})))
+}
+
+/// `GET /v1/unread`: `{"rooms":{"general":3},"total":3}`.
+async fn unread(State(state): State<AppState>, Caller(me): Caller) -> Result<Json<serde_json::Value>, ApiError> {
+    let rooms = db::unread::by_room(&state.db, &me.user).await?;
+    let total: i64 = rooms.values().sum();
+    Ok(Json(json!({"rooms": rooms, "total": total})))
+}
+
+#[derive(Deserialize)]
+struct DeviceBody {
+    platform: Platform,
+    token: String,
+    /// APNS topic (bundle id) / FCM app; `app` is accepted as an alias.
+    #[serde(alias = "app")]
+    topic: Option<String>,
+}
+
+/// Device tokens end up in provider URLs (`/3/device/<token>`): only URL-safe
+/// token characters are accepted.
+fn check_device_token(token: &str) -> Result<(), ApiError> {
+    let ok = (1..=4096).contains(&token.len())
+        && token.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'));
+    if ok { Ok(()) } else { Err(ApiError::bad_request("token: 1 to 4096 of [A-Za-z0-9_:-]")) }
+}
+
+fn check_topic(topic: &str) -> Result<(), ApiError> {
+    let ok = (1..=255).contains(&topic.len())
+        && topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok { Ok(()) } else { Err(ApiError::bad_request("topic: 1 to 255 of [A-Za-z0-9_.-]")) }
+}
+
+/// `POST /v1/devices`: registers the caller's device for pushes.
+async fn register_device(State(state): State<AppState>, Caller(me): Caller, body: Bytes) -> Result<Response, ApiError> {
+    let req: DeviceBody = parse(&body)?;
+    check_device_token(&req.token)?;
+    if let Some(t) = &req.topic {
+        check_topic(t)?;
+    }
+    let new = db::devices::register(&state.db, &me.user, req.platform, &req.token, req.topic.as_deref()).await?;
+    let status = if new { StatusCode::CREATED } else { StatusCode::OK };
+    let out = json!({"platform": req.platform, "token": req.token, "topic": req.topic, "user": me.user});
+    Ok((status, Json(out)).into_response())
+}
+
+/// `GET /v1/devices`: the caller's devices.
+async fn list_devices(State(state): State<AppState>, Caller(me): Caller) -> Result<Json<serde_json::Value>, ApiError> {
+    let devices = db::devices::list(&state.db, &me.user).await?;
+    let out: Vec<_> =
+        devices.iter().map(|d| json!({"platform": d.platform, "token": d.token, "topic": d.topic})).collect();
+    Ok(Json(json!({ "devices": out })))
+}
+
+/// `DELETE /v1/devices/{token}`: stops pushes to that device.
+async fn unregister_device(
+    State(state): State<AppState>,
+    Caller(me): Caller,
+    Path(token): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    check_device_token(&token)?;
+    if db::devices::unregister(&state.db, &me.user, &token).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("no such device"))
+    }
 }
 
 /// Ready while accepting, connected to NATS, and PostgreSQL answers.

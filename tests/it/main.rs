@@ -7,5 +7,7 @@ mod bad_input;
 mod cli;
 mod http_api;
 mod messaging;
+mod notifier;
 mod ops;
 mod presence;
+mod push;

@@ -6,6 +6,7 @@ mod client;
 mod db;
 mod gateway;
 mod nats;
+mod notifier;
 
 #[allow(unused_imports)]
 pub use client::*;
@@ -13,6 +14,8 @@ pub use db::TestDb;
 #[allow(unused_imports)]
 pub use gateway::*;
 pub use nats::*;
+#[allow(unused_imports)]
+pub use notifier::*;
 
 use std::time::Duration;
 

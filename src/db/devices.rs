@@ -1,0 +1,113 @@
+//! Push devices: who gets pushes where.
+
+use sqlx::PgPool;
+
+use crate::{
+    ids::UserId,
+    push::{Device, Platform},
+};
+
+/// Registers a device for `user` (moving the token if another user had it).
+/// Returns `true` when the row is new or changed hands.
+pub async fn register(
+    pool: &PgPool,
+    user: &UserId,
+    platform: Platform,
+    token: &str,
+    topic: Option<&str>,
+) -> sqlx::Result<bool> {
+    let previous: Option<Option<String>> = sqlx::query_scalar(
+        "WITH old AS (SELECT user_id FROM devices WHERE platform = $1 AND token = $2)
+         INSERT INTO devices (platform, token, user_id, topic) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (platform, token) DO UPDATE SET user_id = excluded.user_id, topic = excluded.topic
+         RETURNING (SELECT user_id FROM old)",
+    )
+    .bind(platform.as_str())
+    .bind(token)
+    .bind(user.as_str())
+    .bind(topic)
+    .fetch_optional(pool)
+    .await?;
+    Ok(previous.flatten().as_deref() != Some(user.as_str()))
+}
+
+/// Removes one of `user`'s devices by token (either platform); `false` if none.
+pub async fn unregister(pool: &PgPool, user: &UserId, token: &str) -> sqlx::Result<bool> {
+    let n = sqlx::query("DELETE FROM devices WHERE token = $1 AND user_id = $2")
+        .bind(token)
+        .bind(user.as_str())
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(n > 0)
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    user_id: String,
+    platform: String,
+    token: String,
+    topic: Option<String>,
+}
+
+impl Row {
+    fn into_device(self) -> Option<Device> {
+        let platform = match self.platform.as_str() {
+            "apns" => Platform::Apns,
+            "fcm" => Platform::Fcm,
+            _ => return None,
+        };
+        Some(Device { user: self.user_id, platform, token: self.token, topic: self.topic })
+    }
+}
+
+/// Every device of these users.
+pub async fn of_users(pool: &PgPool, users: &[&str]) -> sqlx::Result<Vec<Device>> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT user_id, platform, token, topic FROM devices WHERE user_id = ANY($1) ORDER BY user_id, platform, token",
+    )
+    .bind(users)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().filter_map(Row::into_device).collect())
+}
+
+/// Devices of one user (for the API).
+pub async fn list(pool: &PgPool, user: &UserId) -> sqlx::Result<Vec<Device>> {
+    of_users(pool, &[user.as_str()]).await
+}
+
+/// Deletes devices the provider called unregistered or invalid.
+pub async fn delete_many(pool: &PgPool, devices: &[(Platform, String)]) -> sqlx::Result<u64> {
+    if devices.is_empty() {
+        return Ok(0);
+    }
+    let platforms: Vec<&str> = devices.iter().map(|(p, _)| p.as_str()).collect();
+    let tokens: Vec<&str> = devices.iter().map(|(_, t)| t.as_str()).collect();
+    Ok(sqlx::query(
+        "DELETE FROM devices d USING unnest($1::text[], $2::text[]) AS t(p, k) WHERE d.platform = t.p AND d.token = t.k",
+    )
+    .bind(&platforms)
+    .bind(&tokens)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Records a successful push for these devices.
+pub async fn mark_ok(pool: &PgPool, devices: &[(Platform, String)]) -> sqlx::Result<()> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let platforms: Vec<&str> = devices.iter().map(|(p, _)| p.as_str()).collect();
+    let tokens: Vec<&str> = devices.iter().map(|(_, t)| t.as_str()).collect();
+    sqlx::query(
+        "UPDATE devices d SET last_ok = now() FROM unnest($1::text[], $2::text[]) AS t(p, k)
+         WHERE d.platform = t.p AND d.token = t.k",
+    )
+    .bind(&platforms)
+    .bind(&tokens)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,338 @@
+//! The notifier: what happens to a message for members who are not online.
+//!
+//! Every replica pulls from the durable consumer `notifier` on the CHAT stream
+//! (competing consumers: each message goes to one replica), counts it unread
+//! for offline members and pushes it to their devices (`deliver.rs`). The
+//! durable consumer `archiver` copies every message into PostgreSQL
+//! (`archive.rs`). Both ack a message only when its work is done.
+
+mod archive;
+mod deliver;
+pub mod metrics;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+};
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use futures::StreamExt;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    bus::{self, subjects},
+    config::NotifierSettings,
+    push::Pushers,
+};
+
+/// What both loops share.
+pub(crate) struct Shared {
+    pub settings: NotifierSettings,
+    pub db: PgPool,
+    pub nats: async_nats::Client,
+    pub pushers: Pushers,
+    pub metrics: metrics::Metrics,
+}
+
+pub struct Notifier {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    js: jetstream::Context,
+}
+
+/// `natter notifier`: runs until a signal.
+pub async fn run(settings: NotifierSettings, stop: CancellationToken) -> anyhow::Result<()> {
+    Notifier::build(settings).await?.run_until_stopped(stop).await
+}
+
+impl Notifier {
+    /// Checks settings, connects to PostgreSQL and NATS, loads the push
+    /// credentials and binds the health listener. Fails with a one-line reason.
+    pub async fn build(settings: NotifierSettings) -> anyhow::Result<Self> {
+        if settings.batch == 0 || settings.max_deliver < 1 {
+            anyhow::bail!("NATTER_NOTIFIER_BATCH and NATTER_NOTIFIER_MAX_DELIVER must be at least 1");
+        }
+        let pushers = Pushers::from_settings(&settings.push).await?;
+        let db = crate::db::connect(&settings.db).await?;
+        let (nats, _) = bus::connect(&settings.nats, "natter-notifier").await?;
+        let js = jetstream::new(nats.clone());
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let metrics = metrics::Metrics::default();
+        Ok(Self { listener, shared: Arc::new(Shared { settings, db, nats, pushers, metrics }), js })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    /// Works until `stop`: finishes the batch in hand, then drains NATS.
+    pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let Self { listener, shared, js } = self;
+        tracing::info!(addr = %listener.local_addr()?, "notifier listening");
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+        let app = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_text))
+            .with_state(Health { shared: shared.clone(), ready: ready_rx });
+        let http_stop = stop.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(http_stop.cancelled_owned()).await
+        });
+
+        let Some(stream) = wait_for_stream(&js, &stop).await else {
+            return Ok(());
+        };
+        let notifier = bind(&stream, notifier_consumer(&shared.settings)).await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(consume(shared.clone(), notifier.clone(), stop.clone(), deliver::handle));
+        tasks.spawn(lag_gauge(shared.clone(), notifier, stop.clone()));
+        if shared.settings.archive {
+            let archiver = bind(&stream, archiver_consumer()).await?;
+            tasks.spawn(consume(shared.clone(), archiver.clone(), stop.clone(), archive::handle));
+            tasks.spawn(lag_gauge(shared.clone(), archiver, stop.clone()));
+        }
+        ready_tx.send_replace(true);
+        tracing::info!(archive = shared.settings.archive, "notifier consuming");
+        while tasks.join_next().await.is_some() {}
+        ready_tx.send_replace(false);
+        let _ = http.await;
+        if tokio::time::timeout(Duration::from_secs(5), shared.nats.drain()).await.is_err() {
+            tracing::warn!("NATS drain did not finish in 5 s");
+        }
+        tracing::info!("notifier stopped");
+        Ok(())
+    }
+}
+
+/// The notifier may not create the stream (nats.conf): wait for a gateway to.
+async fn wait_for_stream(js: &jetstream::Context, stop: &CancellationToken) -> Option<jetstream::stream::Stream> {
+    let mut logged = false;
+    loop {
+        match js.get_stream(subjects::CHAT_STREAM).await {
+            Ok(s) => return Some(s),
+            Err(e) if !logged => {
+                tracing::warn!(error = %e, "waiting for the CHAT stream (a gateway creates it)");
+                logged = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn bind(stream: &jetstream::stream::Stream, config: pull::Config) -> anyhow::Result<PullConsumer> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    stream.create_consumer(config).await.with_context(|| format!("cannot create or bind the consumer {name:?}"))
+}
+
+/// Competing consumer of every replica. New messages only: a first deploy
+/// does not push the stream's whole past. Redelivery is unbounded on the
+/// server; `deliver.rs` dead-letters a message after `max_deliver` failures
+/// while PostgreSQL is up, so an outage never throws work away.
+fn notifier_consumer(s: &NotifierSettings) -> pull::Config {
+    pull::Config {
+        durable_name: Some(subjects::NOTIFIER_CONSUMER.to_owned()),
+        description: Some("natter notifier: unread counts and pushes".to_owned()),
+        deliver_policy: DeliverPolicy::New,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: s.ack_wait,
+        max_deliver: -1,
+        filter_subject: subjects::CHAT_SUBJECTS.to_owned(),
+        max_ack_pending: 20_000,
+        ..Default::default()
+    }
+}
+
+/// The archive wants everything the stream still has.
+fn archiver_consumer() -> pull::Config {
+    pull::Config {
+        durable_name: Some(subjects::ARCHIVER_CONSUMER.to_owned()),
+        description: Some("natter archiver: messages into PostgreSQL".to_owned()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(60),
+        max_deliver: -1,
+        filter_subject: subjects::CHAT_SUBJECTS.to_owned(),
+        max_ack_pending: 20_000,
+        ..Default::default()
+    }
+}
+
+/// Keeps `natter_consumer_lag{consumer}` current (what KEDA / the HPA scale on).
+async fn lag_gauge(shared: Arc<Shared>, mut consumer: PullConsumer, stop: CancellationToken) {
+    loop {
+        if let Ok(info) = consumer.info().await {
+            let labels = metrics::ConsumerLabels { consumer: info.name.clone() };
+            shared.metrics.consumer_lag.get_or_create(&labels).set(info.num_pending as i64);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Health {
+    shared: Arc<Shared>,
+    ready: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Ready while consuming, connected to NATS, and PostgreSQL answers.
+async fn readyz(State(h): State<Health>) -> impl IntoResponse {
+    let consuming = *h.ready.borrow();
+    let nats = h.shared.nats.connection_state() == async_nats::connection::State::Connected;
+    let db = crate::db::ping(&h.shared.db).await;
+    let status = if consuming && nats && db { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(json!({"consuming": consuming, "nats": nats, "database": db})))
+}
+
+async fn metrics_text(State(h): State<Health>) -> impl IntoResponse {
+    let mut out = String::new();
+    let registry = h.shared.metrics.registry();
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], out).into_response()
+}
+
+/// Pulls from `consumer` and hands what is ready (up to a batch) to `handle`,
+/// until `stop`. `handle` acks or naks every message it gets, and may ask for a
+/// pause (e.g. PostgreSQL is down) before the next batch.
+async fn consume<F, Fut>(shared: Arc<Shared>, consumer: PullConsumer, stop: CancellationToken, handle: F)
+where
+    F: Fn(Arc<Shared>, Vec<jetstream::Message>) -> Fut,
+    Fut: std::future::Future<Output = Option<Duration>>,
+{
+    let batch = shared.settings.batch;
+    'connect: while !stop.is_cancelled() {
+        let messages = match consumer.stream().max_messages_per_batch(batch).messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot pull from the consumer; retrying");
+                pause(&stop, Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut chunks = messages.ready_chunks(batch);
+        loop {
+            let chunk = tokio::select! {
+                _ = stop.cancelled() => break 'connect,
+                c = chunks.next() => c,
+            };
+            let Some(chunk) = chunk else { continue 'connect };
+            let msgs: Vec<_> = chunk
+                .into_iter()
+                .filter_map(|m| m.map_err(|e| tracing::debug!(error = %e, "pull stream notice")).ok())
+                .collect();
+            if msgs.is_empty() {
+                continue;
+            }
+            if let Some(wait) = handle(shared.clone(), msgs).await {
+                pause(&stop, wait).await;
+            }
+        }
+    }
+}
+
+async fn pause(stop: &CancellationToken, d: Duration) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}
+
+/// How long a failed message waits before its next delivery.
+fn redelivery_delay(delivered: i64) -> Duration {
+    let exp = delivered.clamp(1, 6) as u32 - 1;
+    Duration::from_secs(1 << exp).min(Duration::from_secs(30))
+}
+
+/// A message one of the loops took from the stream.
+struct Delivery {
+    msg: jetstream::Message,
+    /// Stream sequence = the message's seq in its room.
+    seq: u64,
+    delivered: i64,
+}
+
+impl Delivery {
+    fn new(msg: jetstream::Message) -> Self {
+        let (seq, delivered) = msg.info().map(|i| (i.stream_sequence, i.delivered)).unwrap_or((0, 1));
+        Self { msg, seq, delivered }
+    }
+
+    /// The room and the stored message, or why it cannot be read.
+    fn parse(&self) -> Result<(crate::ids::RoomId, crate::bus::envelope::StoredMessage), String> {
+        let room = subjects::room_of_msg(self.msg.subject.as_str())
+            .ok_or_else(|| format!("not a room message subject: {}", self.msg.subject))?;
+        let stored = serde_json::from_slice(&self.msg.payload).map_err(|e| format!("unreadable payload: {e}"))?;
+        Ok((room, stored))
+    }
+
+    async fn ack(&self) {
+        if let Err(e) = self.msg.ack().await {
+            tracing::warn!(error = %e, seq = self.seq, "ack failed (the message will be redelivered)");
+        }
+    }
+
+    async fn retry_later(&self) {
+        let delay = redelivery_delay(self.delivered);
+        if let Err(e) = self.msg.ack_with(jetstream::AckKind::Nak(Some(delay))).await {
+            tracing::warn!(error = %e, seq = self.seq, "nak failed (redelivered after the ack wait)");
+        }
+    }
+
+    /// Records the message in `dead_letters` and stops its redelivery; if the
+    /// record cannot be written, it is retried later instead.
+    async fn give_up(&self, shared: &Shared, consumer: &str, why: &str) {
+        let letter = crate::db::archive::DeadLetter {
+            consumer,
+            stream_seq: self.seq,
+            subject: self.msg.subject.as_str(),
+            payload: &self.msg.payload,
+            deliveries: self.delivered,
+            error: why,
+        };
+        match crate::db::archive::dead_letter(&shared.db, &letter).await {
+            Ok(()) => {
+                tracing::error!(consumer, seq = self.seq, deliveries = self.delivered, error = why, "dead-lettered");
+                shared.metrics.dead_letter(consumer);
+                if let Err(e) = self.msg.ack_with(jetstream::AckKind::Term).await {
+                    tracing::warn!(error = %e, seq = self.seq, "term failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, seq = self.seq, "cannot record a dead letter; retrying later");
+                self.retry_later().await;
+            }
+        }
+    }
+}
+
+/// While a batch is worked on, tells the server it is in progress so that a
+/// slow push does not trigger a redelivery to another replica.
+fn keep_alive(nats: &async_nats::Client, batch: &[&Delivery], ack_wait: Duration) -> tokio::task::JoinHandle<()> {
+    let nats = nats.clone();
+    let replies: Vec<_> = batch.iter().filter_map(|d| d.msg.reply.clone()).collect();
+    let every = (ack_wait / 3).max(Duration::from_millis(200));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            for r in &replies {
+                let _ = nats.publish(r.clone(), bytes::Bytes::from_static(b"+WPI")).await;
+            }
+        }
+    })
+}

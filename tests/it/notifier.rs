@@ -1,0 +1,331 @@
+//! The notifier against real NATS, real PostgreSQL and the push emulator over
+//! real HTTP: unread counts, APNS and FCM pushes, provider errors, crashes,
+//! replicas, dead letters and the archive.
+
+use std::{collections::HashSet, time::Duration};
+
+use serde_json::{Value, json};
+
+use crate::{assert_eventually, helpers::*};
+
+const IPHONE: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+const ANDROID: &str = "fcm-token_bob:APA91bHun4MxP5egoKMwt2KZFBaFUH-1RYqx";
+
+async fn register(base: &str, user: &str, platform: &str, device: &str) {
+    let r = http()
+        .post(format!("{base}/v1/devices"))
+        .bearer_auth(token(user))
+        .json(&json!({"platform": platform, "token": device}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "device registration: {}", r.status());
+}
+
+async fn post_msg(base: &str, user: &str, room: &str, id: &str, body: &str) -> u64 {
+    let r = http()
+        .post(format!("{base}/v1/rooms/{room}/messages"))
+        .bearer_auth(token(user))
+        .json(&json!({"id": id, "body": body}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "send: {}", r.status());
+    r.json::<Value>().await.unwrap()["seq"].as_u64().unwrap()
+}
+
+async fn get_json(url: String, user: &str) -> Value {
+    let r = http().get(url).bearer_auth(token(user)).send().await.unwrap();
+    assert!(r.status().is_success(), "GET: {}", r.status());
+    r.json().await.unwrap()
+}
+
+async fn unread_total(base: &str, user: &str) -> i64 {
+    get_json(format!("{base}/v1/unread"), user).await["total"].as_i64().unwrap()
+}
+
+async fn devices_of(base: &str, user: &str) -> Vec<String> {
+    let v = get_json(format!("{base}/v1/devices"), user).await;
+    v["devices"].as_array().unwrap().iter().map(|d| d["token"].as_str().unwrap().to_owned()).collect()
+}
+
+fn apns_badge(req: &Value) -> i64 {
+    req["body"]["aps"]["badge"].as_i64().unwrap_or(-1)
+}
+
+/// NATS, PostgreSQL, two gateways, the emulator and one notifier.
+struct PushStack {
+    s: Stack,
+    emu: TestEmulator,
+    notifier: TestNotifier,
+}
+
+impl PushStack {
+    async fn start(notifier_extra: &[&str]) -> Self {
+        let s = Stack::start().await;
+        let emu = TestEmulator::start(&[]).await;
+        let notifier = spawn_notifier(&s.nats, &s.db, &emu, notifier_extra).await;
+        Self { s, emu, notifier }
+    }
+
+    fn base(&self) -> String {
+        self.s.gw1.http()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_member_gets_apns_and_fcm_pushes_and_unread_counts_online_member_does_not() {
+    let p = PushStack::start(&[]).await;
+    let base = p.base();
+    create_room(&base, "alice", "general", &["bob", "carol"]).await;
+    register(&base, "bob", "apns", IPHONE).await;
+    register(&base, "bob", "fcm", ANDROID).await;
+    register(&base, "carol", "fcm", "carol-phone").await;
+    let mut alice = Client::connect(p.s.gw1.addr, "alice").await;
+    alice.join("general", None).await;
+
+    for i in 1..=3 {
+        post_msg(&base, "alice", "general", &format!("m{i}"), &format!("hello {i}")).await;
+    }
+    assert_eventually!(
+        Duration::from_secs(10),
+        p.emu.delivered_to(IPHONE).await.len() == 3 && p.emu.delivered_to(ANDROID).await.len() == 3,
+        "3 APNS and 3 FCM pushes for bob: {:#?}",
+        p.emu.requests().await
+    );
+    let apns = p.emu.delivered_to(IPHONE).await;
+    for r in &apns {
+        assert_eq!(r["provider"], "apns");
+        assert_eq!(r["headers"]["apns-topic"], "dev.natter.app");
+        assert_eq!(r["headers"]["apns-push-type"], "alert");
+        assert_eq!(r["headers"]["apns-collapse-id"], "general");
+        assert!(r["headers"]["authorization"].as_str().unwrap().to_lowercase().starts_with("bearer "));
+        assert_eq!(r["body"]["aps"]["thread-id"], "general");
+    }
+    let bodies: HashSet<String> =
+        apns.iter().map(|r| r["body"]["aps"]["alert"]["body"].as_str().unwrap_or_default().to_owned()).collect();
+    assert_eq!(bodies, HashSet::from(["hello 1".to_owned(), "hello 2".into(), "hello 3".into()]));
+    assert_eq!(apns.iter().map(apns_badge).max(), Some(3), "badge = bob's total unread");
+    let fcm = p.emu.delivered_to(ANDROID).await;
+    assert_eq!(fcm[0]["provider"], "fcm");
+    assert_eq!(fcm[0]["body"]["message"]["token"], ANDROID);
+    assert_eq!(fcm[0]["body"]["message"]["android"]["collapse_key"], "general");
+    assert_eq!(unread_total(&base, "bob").await, 3);
+    let rooms = get_json(format!("{base}/v1/rooms"), "bob").await;
+    assert_eq!(rooms["rooms"][0]["unread"], 3);
+    assert_eq!(unread_total(&base, "alice").await, 0, "the sender counts nothing");
+
+    // bob comes online (on the other gateway): no push, no bump for him; carol
+    // (still offline) gets hers, which shows the message was handled.
+    let mut bob = Client::connect(p.s.gw2.addr, "bob").await;
+    bob.join("general", None).await;
+    assert_eventually!(
+        Duration::from_secs(5),
+        get_json(format!("{base}/v1/presence?users=bob"), "alice").await["presence"][0]["status"] == "online",
+        "bob online"
+    );
+    post_msg(&base, "alice", "general", "m4", "are you there?").await;
+    assert_eventually!(Duration::from_secs(10), p.emu.delivered_to("carol-phone").await.len() == 4, "carol's 4th");
+    assert_eq!(p.emu.delivered_to(IPHONE).await.len(), 3, "no push while bob is online");
+    assert_eq!(p.emu.delivered_to(ANDROID).await.len(), 3);
+    assert_eq!(unread_total(&base, "bob").await, 3, "no bump while bob is online");
+    assert_eq!(unread_total(&base, "carol").await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marking_read_clears_unread_and_the_next_badge_counts_from_there() {
+    let p = PushStack::start(&[]).await;
+    let base = p.base();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    create_room(&base, "alice", "other", &["bob"]).await;
+    register(&base, "bob", "apns", IPHONE).await;
+    let mut last = 0;
+    for i in 1..=4 {
+        last = post_msg(&base, "alice", "general", &format!("g{i}"), "x").await;
+    }
+    post_msg(&base, "alice", "other", "o1", "y").await;
+    assert_eventually!(Duration::from_secs(10), unread_total(&base, "bob").await == 5, "5 unread");
+    assert_eventually!(Duration::from_secs(10), p.emu.delivered_to(IPHONE).await.len() == 5, "5 pushes");
+    let unread = get_json(format!("{base}/v1/unread"), "bob").await;
+    assert_eq!(unread, json!({"rooms": {"general": 4, "other": 1}, "total": 5}));
+
+    // Read over HTTP up to the 4th message of general; the other room stays.
+    let r = http()
+        .post(format!("{base}/v1/rooms/general/read"))
+        .bearer_auth(token("bob"))
+        .json(&json!({"seq": last}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    assert_eq!(get_json(format!("{base}/v1/unread"), "bob").await, json!({"rooms": {"other": 1}, "total": 1}));
+
+    // Read over WebSocket too (the `read` frame), then a new message: badge 1.
+    let mut bob = Client::connect(p.s.gw2.addr, "bob").await;
+    bob.send(json!({"type": "read", "room": "other", "seq": 1_000_000})).await;
+    assert_eventually!(Duration::from_secs(5), unread_total(&base, "bob").await == 0, "read frame clears unread");
+    drop(bob);
+    // Offline again after the grace (5 s by default would slow the test: wait for it).
+    assert_eventually!(
+        Duration::from_secs(10),
+        get_json(format!("{base}/v1/presence?users=bob"), "alice").await["presence"][0]["status"] == "offline",
+        "bob offline"
+    );
+    post_msg(&base, "alice", "general", "g5", "again").await;
+    assert_eventually!(Duration::from_secs(10), p.emu.delivered_to(IPHONE).await.len() == 6, "6th push");
+    let pushes = p.emu.delivered_to(IPHONE).await;
+    assert_eq!(apns_badge(&pushes[5]), 1, "badge after reading everything is 1");
+    assert_eq!(unread_total(&base, "bob").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_errors_unregistered_deletes_the_device_5xx_and_429_are_retried() {
+    let p = PushStack::start(&["--push-max-backoff", "5s"]).await;
+    let base = p.base();
+    create_room(&base, "alice", "general", &["bob", "carol", "dave"]).await;
+    register(&base, "bob", "apns", IPHONE).await;
+    register(&base, "bob", "fcm", ANDROID).await;
+    register(&base, "carol", "apns", "c0ffee").await;
+    register(&base, "dave", "fcm", "dave-phone").await;
+    p.emu.fail(IPHONE, 410, "Unregistered", 0, None).await;
+    p.emu.fail("c0ffee", 503, "ServiceUnavailable", 2, None).await;
+    p.emu.fail("dave-phone", 429, "QUOTA_EXCEEDED", 1, Some(1)).await;
+
+    post_msg(&base, "alice", "general", "m1", "hi").await;
+    assert_eventually!(
+        Duration::from_secs(15),
+        p.emu.delivered_to(ANDROID).await.len() == 1
+            && p.emu.delivered_to("c0ffee").await.len() == 1
+            && p.emu.delivered_to("dave-phone").await.len() == 1,
+        "the other pushes arrive"
+    );
+    assert_eventually!(Duration::from_secs(5), devices_of(&base, "bob").await == vec![ANDROID], "iPhone removed");
+    let all = p.emu.requests().await;
+    let to = |t: &str| all.iter().filter(|r| r["token"] == t).cloned().collect::<Vec<_>>();
+    assert_eq!(to(IPHONE).len(), 1, "Unregistered is not retried");
+    let carol: Vec<u64> = to("c0ffee").iter().map(|r| r["status"].as_u64().unwrap()).collect();
+    assert_eq!(carol, vec![503, 503, 200], "503 twice, then one delivered push");
+    let dave = to("dave-phone");
+    assert_eq!(dave.len(), 2);
+    let waited = dave[1]["at_ms"].as_i64().unwrap() - dave[0]["at_ms"].as_i64().unwrap();
+    assert!(waited >= 950, "429 retried after Retry-After (1 s), waited {waited} ms");
+
+    // The deleted device gets nothing more; the notifier counted the outcomes.
+    post_msg(&base, "alice", "general", "m2", "again").await;
+    assert_eventually!(Duration::from_secs(10), p.emu.delivered_to(ANDROID).await.len() == 2, "second push");
+    assert_eq!(to(IPHONE).len(), p.emu.requests().await.iter().filter(|r| r["token"] == IPHONE).count());
+    let text = http().get(format!("http://{}/metrics", p.notifier.addr)).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains(r#"natter_push_total{provider="apns",outcome="invalid_token"} 1"#), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_and_does_not_stall_the_rest() {
+    let p = PushStack::start(&[]).await;
+    let base = p.base();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    register(&base, "bob", "fcm", ANDROID).await;
+    // Written straight into the stream, bypassing the gateway.
+    let nats = async_nats::connect(p.s.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    js.publish("chat.room.general.msg", "{not json".into()).await.unwrap().await.unwrap();
+    post_msg(&base, "alice", "general", "m1", "after the poison").await;
+    assert_eventually!(Duration::from_secs(10), p.emu.delivered_to(ANDROID).await.len() == 1, "the good one is pushed");
+    let pool = p.s.db.pool().await;
+    let letters: Vec<(String, i64, String)> =
+        sqlx::query_as("SELECT consumer, stream_seq, error FROM dead_letters ORDER BY consumer")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(letters.len(), 2, "one record per consumer: {letters:?}");
+    assert_eq!(letters[0].0, "archiver");
+    assert_eq!(letters[1].0, "notifier");
+    assert!(letters[1].2.contains("unreadable"), "{letters:?}");
+    assert_eq!(unread_total(&base, "bob").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_comes_from_the_archive_once_the_stream_has_dropped_it() {
+    let cap = ["--stream-max-per-room", "10"];
+    let s = Stack::with(&cap, &cap).await;
+    let emu = TestEmulator::start(&[]).await;
+    let _n = spawn_notifier(&s.nats, &s.db, &emu, &[]).await;
+    let base = s.gw1.http();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    for i in 1..=30 {
+        post_msg(&base, "alice", "general", &format!("m{i}"), &format!("body {i}")).await;
+    }
+    let pool = s.db.pool().await;
+    assert_eventually!(
+        Duration::from_secs(10),
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap() == 30,
+        "archived"
+    );
+    let h = get_json(format!("{base}/v1/rooms/general/messages?limit=50"), "bob").await;
+    let seqs: Vec<u64> = h["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=30).rev().collect::<Vec<_>>(), "all 30, newest first, none twice");
+    assert_eq!(h["messages"][29]["body"], "body 1");
+    assert_eq!(h["messages"][29]["from"], "alice");
+    let older = get_json(format!("{base}/v1/rooms/general/messages?before=5&limit=10"), "bob").await;
+    let seqs: Vec<u64> = older["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![4, 3, 2, 1]);
+}
+
+/// Sends `n` messages over HTTP, 16 at a time; returns their seqs.
+async fn flood(base: &str, room: &str, n: usize) -> Vec<u64> {
+    use futures::StreamExt;
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let base = base.to_owned();
+            let room = room.to_owned();
+            async move { post_msg(&base, "alice", &room, &format!("f{i}"), &format!("flood {i}")).await }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+fn pushed_seqs(reqs: &[Value]) -> Vec<u64> {
+    reqs.iter().filter_map(|r| r["body"]["message"]["data"]["seq"].as_str()?.parse().ok()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notifier_killed_mid_batch_loses_no_push_and_counts_nothing_twice() {
+    let s = Stack::start().await;
+    let emu = TestEmulator::start(&["--latency", "20ms"]).await;
+    let base = s.gw1.http();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    register(&base, "bob", "fcm", ANDROID).await;
+    let extra = ["--notifier-ack-wait", "2s", "--notifier-batch", "50", "--push-concurrency", "4"];
+    let mut first = NotifierProcess::start(&s.nats, &s.db, &emu, &extra).await;
+    let seqs = flood(&base, "general", 300).await;
+    assert_eventually!(Duration::from_secs(20), emu.delivered_to(ANDROID).await.len() >= 30, "pushing has begun");
+    first.kill9();
+    let before = emu.delivered_to(ANDROID).await.len();
+    assert!(before < 300, "killed mid-way ({before} of 300 pushed)");
+    let _second = spawn_notifier(&s.nats, &s.db, &emu, &extra).await;
+    let want: HashSet<u64> = seqs.iter().copied().collect();
+    assert_eventually!(
+        Duration::from_secs(30),
+        pushed_seqs(&emu.delivered_to(ANDROID).await).into_iter().collect::<HashSet<_>>() == want,
+        "every message pushed at least once"
+    );
+    assert_eq!(unread_total(&base, "bob").await, 300, "each message counted exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_split_two_thousand_messages_without_double_push_or_count() {
+    let p = PushStack::start(&[]).await;
+    let second = spawn_notifier(&p.s.nats, &p.s.db, &p.emu, &[]).await;
+    let base = p.base();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    register(&base, "bob", "fcm", ANDROID).await;
+    let seqs = flood(&base, "general", 2000).await;
+    assert_eventually!(Duration::from_secs(60), p.emu.delivered_to(ANDROID).await.len() >= 2000, "2000 pushes");
+    let pushed = pushed_seqs(&p.emu.delivered_to(ANDROID).await);
+    assert_eq!(pushed.len(), 2000, "no double push");
+    assert_eq!(pushed.iter().copied().collect::<HashSet<_>>(), seqs.iter().copied().collect::<HashSet<_>>());
+    assert_eq!(unread_total(&base, "bob").await, 2000);
+    let (a, b) = (p.notifier.handled().await, second.handled().await);
+    assert_eq!(a + b, 2000, "each message handled once in all");
+    assert!(a > 0 && b > 0, "work split between the replicas: {a} + {b}");
+}
