@@ -285,6 +285,11 @@ pub struct NotifierSettings {
     /// How long a fetched message may stay unacknowledged before redelivery.
     #[arg(long = "notifier-ack-wait", env = "NATTER_NOTIFIER_ACK_WAIT", default_value = "60s", value_parser = parse_duration)]
     pub ack_wait: Duration,
+    /// When every push of a message failed (provider down), the message is
+    /// redelivered after this times its delivery count (at most 6×), up to
+    /// NATTER_NOTIFIER_MAX_DELIVER deliveries.
+    #[arg(long, env = "NATTER_PUSH_REDELIVERY", default_value = "10s", value_parser = parse_duration)]
+    pub push_redelivery: Duration,
     /// Away users count as offline: unread bumps and pushes for them too.
     #[arg(long, env = "NATTER_PUSH_WHEN_AWAY", default_value_t = false)]
     pub push_when_away: bool,

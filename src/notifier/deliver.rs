@@ -47,47 +47,54 @@ pub(super) async fn handle(shared: Arc<Shared>, msgs: Vec<jetstream::Message>) -
     }
     let deliveries: Vec<&Delivery> = jobs.iter().map(|j| &j.d).collect();
     let alive = keep_alive(&shared.nats, &deliveries, shared.settings.ack_wait);
-    let result = process(&shared, &jobs).await;
-    alive.abort();
-    match result {
+    let pause = match process(&shared, &jobs).await {
         Ok(retry) => {
-            for (job, retry) in jobs.iter().zip(retry) {
-                if retry {
-                    job.d.retry_later().await;
-                } else {
-                    job.d.ack().await;
-                    shared.metrics.messages.inc();
-                }
-            }
+            settle(&shared, &jobs, &retry).await;
             None
         }
-        Err(e) => Some(failed(&shared, &jobs, e).await),
+        Err(e) if !dependencies_up(&shared).await => {
+            tracing::warn!(error = %e, messages = jobs.len(), "notifier paused: PostgreSQL or NATS is down");
+            for job in &jobs {
+                job.d.retry_later().await;
+            }
+            Some(Duration::from_secs(2))
+        }
+        Err(e) => {
+            // Not an outage: one message may be at fault. Each is tried on its
+            // own, so only the culprit is retried and, in the end, dead-lettered.
+            tracing::warn!(error = %e, messages = jobs.len(), "notifier batch failed; trying its messages one by one");
+            for job in jobs.chunks(1) {
+                match process(&shared, job).await {
+                    Ok(retry) => settle(&shared, job, &retry).await,
+                    Err(e) if job[0].d.delivered >= shared.settings.max_deliver => {
+                        job[0].d.give_up(&shared, NOTIFIER_CONSUMER, &format!("{e:#}")).await
+                    }
+                    Err(_) => job[0].d.retry_later().await,
+                }
+            }
+            Some(Duration::from_millis(200))
+        }
+    };
+    alive.abort();
+    pause
+}
+
+/// Acks the finished jobs; redelivers later those whose pushes all failed.
+async fn settle(shared: &Shared, jobs: &[Job], retry: &[bool]) {
+    for (job, retry) in jobs.iter().zip(retry) {
+        if *retry {
+            let times = job.d.delivered.clamp(1, 6) as u32;
+            job.d.retry_after(shared.settings.push_redelivery * times).await;
+        } else {
+            job.d.ack().await;
+            shared.metrics.messages.inc();
+        }
     }
 }
 
-/// The batch could not be done. While PostgreSQL or NATS is down everything
-/// waits (nothing is dead-lettered for an outage); otherwise messages that
-/// failed `max_deliver` times are dead-lettered and the rest retried.
-async fn failed(shared: &Shared, jobs: &[Job], e: anyhow::Error) -> Duration {
-    let db_up = db::ping(&shared.db).await;
-    let nats_up = shared.nats.connection_state() == async_nats::connection::State::Connected;
-    if !(db_up && nats_up) {
-        tracing::warn!(error = %e, db_up, nats_up, messages = jobs.len(), "notifier paused: dependency down");
-        for job in jobs {
-            job.d.retry_later().await;
-        }
-        return Duration::from_secs(2);
-    }
-    tracing::warn!(error = %e, messages = jobs.len(), "notifier batch failed");
-    let why = format!("{e:#}");
-    for job in jobs {
-        if job.d.delivered >= shared.settings.max_deliver {
-            job.d.give_up(shared, NOTIFIER_CONSUMER, &why).await;
-        } else {
-            job.d.retry_later().await;
-        }
-    }
-    Duration::from_millis(500)
+/// While PostgreSQL or NATS is down nothing is dead-lettered: work waits.
+async fn dependencies_up(shared: &Shared) -> bool {
+    db::ping(&shared.db).await && shared.nats.connection_state() == async_nats::connection::State::Connected
 }
 
 /// Does the batch; returns, per job, whether to redeliver it later.

@@ -288,7 +288,10 @@ impl Delivery {
     }
 
     async fn retry_later(&self) {
-        let delay = redelivery_delay(self.delivered);
+        self.retry_after(redelivery_delay(self.delivered)).await;
+    }
+
+    async fn retry_after(&self, delay: Duration) {
         if let Err(e) = self.msg.ack_with(jetstream::AckKind::Nak(Some(delay))).await {
             tracing::warn!(error = %e, seq = self.seq, "nak failed (redelivered after the ack wait)");
         }

@@ -329,3 +329,59 @@ async fn two_replicas_split_two_thousand_messages_without_double_push_or_count()
     assert_eq!(a + b, 2000, "each message handled once in all");
     assert!(a > 0 && b > 0, "work split between the replicas: {a} + {b}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_for_a_while_delays_unread_and_pushes_but_loses_none() {
+    let s = Stack::start().await;
+    let emu = TestEmulator::start(&[]).await;
+    let db_url = url::Url::parse(&s.db.url).unwrap();
+    let upstream = format!("{}:{}", db_url.host_str().unwrap(), db_url.port().unwrap_or(5432));
+    let upstream = tokio::net::lookup_host(upstream).await.unwrap().next().unwrap();
+    let proxy = CutProxy::start(upstream).await;
+    let mut via = db_url.clone();
+    via.set_host(Some("127.0.0.1")).unwrap();
+    via.set_port(Some(proxy.addr.port())).unwrap();
+    let n = spawn_notifier_at(&s.nats, via.as_str(), &emu, &[]).await;
+    let base = s.gw1.http();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    register(&base, "bob", "fcm", ANDROID).await;
+    post_msg(&base, "alice", "general", "m1", "before").await;
+    assert_eventually!(Duration::from_secs(10), emu.delivered_to(ANDROID).await.len() == 1, "first push");
+
+    proxy.cut(); // the notifier's PostgreSQL is gone; the gateways' is not
+    for i in 2..=6 {
+        post_msg(&base, "alice", "general", &format!("m{i}"), "during").await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(emu.delivered_to(ANDROID).await.len(), 1, "nothing is pushed while unread cannot be counted");
+    let ready = http().get(format!("http://{}/readyz", n.addr)).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "not ready while PostgreSQL is down");
+
+    proxy.restore();
+    assert_eventually!(Duration::from_secs(30), emu.delivered_to(ANDROID).await.len() == 6, "the backlog is pushed");
+    assert_eq!(unread_total(&base, "bob").await, 6);
+    let pool = s.db.pool().await;
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters").fetch_one(&pool).await.unwrap();
+    assert_eq!(dead, 0, "an outage dead-letters nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_provider_down_then_back_delivers_late_pushes_once() {
+    let p = PushStack::start(&["--push-attempts", "2", "--push-redelivery", "1s"]).await;
+    let base = p.base();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    register(&base, "bob", "fcm", ANDROID).await;
+    p.emu.fail(ANDROID, 503, "UNAVAILABLE", 0, None).await;
+    post_msg(&base, "alice", "general", "m1", "one").await;
+    post_msg(&base, "alice", "general", "m2", "two").await;
+    let refused = || async { p.emu.requests().await.iter().filter(|r| r["status"] == 503).count() };
+    // 2 messages × 2 attempts, then each is redelivered and tried again.
+    assert_eventually!(Duration::from_secs(15), refused().await >= 6, "retried across redeliveries");
+    assert!(p.emu.delivered_to(ANDROID).await.is_empty());
+    p.emu.clear_faults().await;
+    assert_eventually!(Duration::from_secs(15), p.emu.delivered_to(ANDROID).await.len() == 2, "late pushes arrive");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pushed = p.emu.delivered_to(ANDROID).await;
+    assert_eq!(pushed.len(), 2, "each message pushed once when the provider is back");
+    assert_eq!(unread_total(&base, "bob").await, 2, "counted once despite the redeliveries");
+}

@@ -7,6 +7,7 @@ mod db;
 mod gateway;
 mod nats;
 mod notifier;
+mod proxy;
 
 #[allow(unused_imports)]
 pub use client::*;
@@ -16,6 +17,7 @@ pub use gateway::*;
 pub use nats::*;
 #[allow(unused_imports)]
 pub use notifier::*;
+pub use proxy::CutProxy;
 
 use std::time::Duration;
 

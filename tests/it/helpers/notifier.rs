@@ -69,6 +69,11 @@ impl TestEmulator {
         assert!(r.status().is_success(), "fault injection refused: {}", r.status());
     }
 
+    pub async fn clear_faults(&self) {
+        let r = http().delete(self.url("/emulator/faults")).send().await.unwrap();
+        assert!(r.status().is_success(), "clear faults: {}", r.status());
+    }
+
     /// Every push request received, in arrival order.
     pub async fn requests(&self) -> Vec<Value> {
         http().get(self.url("/emulator/requests")).send().await.unwrap().json().await.unwrap()
@@ -80,8 +85,8 @@ impl TestEmulator {
     }
 }
 
-fn notifier_args(nats: &str, db: &TestDb, emu: &TestEmulator, listen: &str, extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["--nats-url".to_owned(), nats.into(), "--database-url".into(), db.url.clone()];
+fn notifier_args(nats: &str, db_url: &str, emu: &TestEmulator, listen: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["--nats-url".to_owned(), nats.into(), "--database-url".into(), db_url.to_owned()];
     args.extend(["--listen".to_owned(), listen.to_owned()]);
     args.extend(emu.push_args());
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -115,8 +120,13 @@ impl Drop for TestNotifier {
 }
 
 pub async fn spawn_notifier(nats: &NatsServer, db: &TestDb, emu: &TestEmulator, extra: &[&str]) -> TestNotifier {
+    spawn_notifier_at(nats, &db.url, emu, extra).await
+}
+
+/// A notifier with its own database URL (e.g. through a [`super::CutProxy`]).
+pub async fn spawn_notifier_at(nats: &NatsServer, db_url: &str, emu: &TestEmulator, extra: &[&str]) -> TestNotifier {
     let mut args = vec!["natter".to_owned()];
-    args.extend(notifier_args(&nats.url(), db, emu, "127.0.0.1:0", extra));
+    args.extend(notifier_args(&nats.url(), db_url, emu, "127.0.0.1:0", extra));
     let settings = WrapNotifier::try_parse_from(args).expect("notifier settings").n;
     let n = Notifier::build(settings).await.expect("notifier builds");
     let addr = n.local_addr();
@@ -159,7 +169,7 @@ impl NotifierProcess {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = natter_bin()
             .arg("notifier")
-            .args(notifier_args(&nats.url(), db, emu, &addr.to_string(), extra))
+            .args(notifier_args(&nats.url(), &db.url, emu, &addr.to_string(), extra))
             .env("NATTER_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
