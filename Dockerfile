@@ -16,9 +16,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/natter /out/natter
 
 # --- runtime -------------------------------------------------------------------
+# libssl3: fcm_v1 0.3 brings reqwest 0.11 with its default (OpenSSL) TLS.
 FROM debian:12.12-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 natter \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin natter

@@ -341,7 +341,7 @@ async fn postgres_down_for_a_while_delays_unread_and_pushes_but_loses_none() {
     let mut via = db_url.clone();
     via.set_host(Some("127.0.0.1")).unwrap();
     via.set_port(Some(proxy.addr.port())).unwrap();
-    let n = spawn_notifier_at(&s.nats, via.as_str(), &emu, &[]).await;
+    let n = spawn_notifier_at(&s.nats.url(), via.as_str(), &emu, &[]).await;
     let base = s.gw1.http();
     create_room(&base, "alice", "general", &["bob"]).await;
     register(&base, "bob", "fcm", ANDROID).await;

@@ -26,7 +26,10 @@ use natter::{
     ids::{NodeId, UserId},
 };
 
-use crate::helpers::free_port;
+use crate::{
+    assert_eventually,
+    helpers::{TestDb, TestEmulator, create_room, free_port, http, spawn_gateway_at, spawn_notifier_at, token},
+};
 
 const GATEWAY_PASSWORD: &str = "test-gateway-password";
 const NOTIFIER_PASSWORD: &str = "test-notifier-password";
@@ -361,4 +364,43 @@ async fn wrong_password_is_refused() {
         .await
         .expect("sys connects");
     sys.flush().await.unwrap();
+}
+
+/// The real gateway and notifier, each with its own NATS user: a message to
+/// an offline member is stored, counted unread, archived and pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_and_notifier_run_under_their_nats_users() {
+    let nats = ConfiguredNats::start();
+    let db = TestDb::new().await;
+    let gw =
+        spawn_gateway_at(&nats.url(), &db, "gw1", &["--nats-user", "gateway", "--nats-password", GATEWAY_PASSWORD])
+            .await;
+    let emu = TestEmulator::start(&[]).await;
+    let creds = ["--nats-user", "notifier", "--nats-password", NOTIFIER_PASSWORD];
+    let _notifier = spawn_notifier_at(&nats.url(), &db.url, &emu, &creds).await;
+    let base = gw.http();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    let r = http()
+        .post(format!("{base}/v1/devices"))
+        .bearer_auth(token("bob"))
+        .json(&serde_json::json!({"platform": "fcm", "token": "bob-phone"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let r = http()
+        .post(format!("{base}/v1/rooms/general/messages"))
+        .bearer_auth(token("alice"))
+        .json(&serde_json::json!({"id": "m1", "body": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    assert_eventually!(WAIT, emu.delivered_to("bob-phone").await.len() == 1, "pushed under the notifier user");
+    let pool = db.pool().await;
+    assert_eventually!(
+        WAIT,
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap() == 1,
+        "archived under the notifier user"
+    );
 }

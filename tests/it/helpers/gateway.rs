@@ -63,7 +63,11 @@ impl Drop for TestGateway {
 }
 
 pub async fn spawn_gateway(nats: &NatsServer, db: &TestDb, node: &str, extra: &[&str]) -> TestGateway {
-    let gw = Gateway::build(settings(&nats.url(), db, node, extra)).await.expect("gateway builds");
+    spawn_gateway_at(&nats.url(), db, node, extra).await
+}
+
+pub async fn spawn_gateway_at(nats_url: &str, db: &TestDb, node: &str, extra: &[&str]) -> TestGateway {
+    let gw = Gateway::build(settings(nats_url, db, node, extra)).await.expect("gateway builds");
     let addr = gw.local_addr();
     let stop = CancellationToken::new();
     let task = tokio::spawn(gw.run_until_stopped(stop.clone()));

@@ -120,13 +120,14 @@ impl Drop for TestNotifier {
 }
 
 pub async fn spawn_notifier(nats: &NatsServer, db: &TestDb, emu: &TestEmulator, extra: &[&str]) -> TestNotifier {
-    spawn_notifier_at(nats, &db.url, emu, extra).await
+    spawn_notifier_at(&nats.url(), &db.url, emu, extra).await
 }
 
-/// A notifier with its own database URL (e.g. through a [`super::CutProxy`]).
-pub async fn spawn_notifier_at(nats: &NatsServer, db_url: &str, emu: &TestEmulator, extra: &[&str]) -> TestNotifier {
+/// A notifier with its own NATS and database URLs (e.g. a database behind a
+/// [`super::CutProxy`], or a server with nats.conf's users).
+pub async fn spawn_notifier_at(nats_url: &str, db_url: &str, emu: &TestEmulator, extra: &[&str]) -> TestNotifier {
     let mut args = vec!["natter".to_owned()];
-    args.extend(notifier_args(&nats.url(), db_url, emu, "127.0.0.1:0", extra));
+    args.extend(notifier_args(nats_url, db_url, emu, "127.0.0.1:0", extra));
     let settings = WrapNotifier::try_parse_from(args).expect("notifier settings").n;
     let n = Notifier::build(settings).await.expect("notifier builds");
     let addr = n.local_addr();
