@@ -159,9 +159,63 @@ pub struct GatewaySettings {
     /// Typing frames per second per user and room (more are dropped).
     #[arg(long, env = "NATTER_TYPING_PER_SEC", default_value_t = 2)]
     pub typing_per_sec: u32,
+    #[command(flatten)]
+    pub limits: LimitSettings,
+    /// Close a connection after this long without any frame or pong from it
+    /// (reaps half-open TCP connections).
+    #[arg(long, env = "NATTER_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Origins allowed to open a WebSocket, comma-separated (e.g.
+    /// `https://chat.example.com`); empty = any. Upgrades without an Origin
+    /// header (native apps) are always allowed.
+    #[arg(long, env = "NATTER_ALLOWED_ORIGINS", default_value = "")]
+    pub allowed_origins: String,
+    /// On SIGTERM, sockets are closed (1012) spread over this window, so that
+    /// clients do not all reconnect at once; the process exits within it.
+    #[arg(long, env = "NATTER_DRAIN_WINDOW", default_value = "30s", value_parser = parse_duration)]
+    pub drain_window: Duration,
+    /// Header with the client's address set by a trusted load balancer (e.g.
+    /// `x-forwarded-for`: its first entry is used); unset = the peer address.
+    #[arg(long, env = "NATTER_CLIENT_IP_HEADER")]
+    pub client_ip_header: Option<String>,
     /// Test hook: drop every Nth live delivery before gap detection (0 = off).
     #[arg(long, env = "NATTER_FAULT_DROP_LIVE_EVERY", default_value_t = 0, hide = true)]
     pub fault_drop_live_every: u64,
+}
+
+/// Abuse limits; 0 turns a limit off.
+#[derive(Debug, Clone, Args)]
+pub struct LimitSettings {
+    /// Frames of any kind per second per connection (bursts of twice as many pass).
+    #[arg(long, env = "NATTER_LIMIT_FRAMES_PER_SEC", default_value_t = 100)]
+    pub limit_frames_per_sec: u32,
+    /// `send` frames per second per connection.
+    #[arg(long, env = "NATTER_LIMIT_SENDS_PER_SEC", default_value_t = 20)]
+    pub limit_sends_per_sec: u32,
+    /// Sends per second per user, over all their connections and HTTP on this gateway.
+    #[arg(long, env = "NATTER_LIMIT_USER_SENDS_PER_SEC", default_value_t = 50)]
+    pub limit_user_sends_per_sec: u32,
+    /// `join` frames per second per connection.
+    #[arg(long, env = "NATTER_LIMIT_JOINS_PER_SEC", default_value_t = 20)]
+    pub limit_joins_per_sec: u32,
+    /// Rooms one connection may have joined at once.
+    #[arg(long, env = "NATTER_LIMIT_ROOMS_PER_CONN", default_value_t = 1000)]
+    pub limit_rooms_per_conn: usize,
+    /// Open WebSocket connections per user on this gateway.
+    #[arg(long, env = "NATTER_LIMIT_CONNS_PER_USER", default_value_t = 20)]
+    pub limit_conns_per_user: u32,
+    /// Open WebSocket connections per client address on this gateway.
+    #[arg(long, env = "NATTER_LIMIT_CONNS_PER_IP", default_value_t = 5000)]
+    pub limit_conns_per_ip: u32,
+    /// HTTP requests per second per client address (WebSocket upgrades included).
+    #[arg(long, env = "NATTER_LIMIT_HTTP_PER_IP_PER_SEC", default_value_t = 500)]
+    pub limit_http_per_ip_per_sec: u32,
+    /// Authenticated HTTP requests per second per user (token subject).
+    #[arg(long, env = "NATTER_LIMIT_HTTP_PER_TOKEN_PER_SEC", default_value_t = 50)]
+    pub limit_http_per_token_per_sec: u32,
+    /// Refused frames within 10 s after which a connection is closed 4029.
+    #[arg(long, env = "NATTER_LIMIT_ABUSE_STRIKES", default_value_t = 100)]
+    pub limit_abuse_strikes: u32,
 }
 
 impl GatewaySettings {

@@ -44,11 +44,18 @@ impl Code {
 pub struct ApiError {
     pub code: Code,
     pub message: String,
+    /// For `rate_limited` (and retryable failures): when to try again.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), retry_after_ms: None }
+    }
+    /// Over a limit: retry after `wait` (the send may be resent with the same id).
+    pub fn rate_limited(m: impl Into<String>, wait: std::time::Duration) -> Self {
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        Self { code: Code::RateLimited, message: m.into(), retry_after_ms: Some(ms) }
     }
     pub fn bad_request(m: impl Into<String>) -> Self {
         Self::new(Code::BadRequest, m)
@@ -101,11 +108,21 @@ struct Body<'a> {
 struct Inner<'a> {
     code: Code,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body { error: Inner { code: self.code, message: &self.message } };
-        (self.code.status(), Json(body)).into_response()
+        let body =
+            Body { error: Inner { code: self.code, message: &self.message, retry_after_ms: self.retry_after_ms } };
+        let mut resp = (self.code.status(), Json(body)).into_response();
+        if let Some(ms) = self.retry_after_ms {
+            let secs = ms.div_ceil(1000).to_string();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&secs) {
+                resp.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+            }
+        }
+        resp
     }
 }

@@ -33,7 +33,7 @@ use super::users::UserEvent;
 /// Frames coalesced into one socket write.
 const WRITE_BATCH: usize = 64;
 
-pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>) {
+pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>, ip: std::net::IpAddr) {
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel(state.settings.outbound_queue);
 
@@ -53,10 +53,29 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>) {
         }
     };
 
+    // Held until the connection ends: its place in the per-user / per-IP counts.
+    let _slot = match state.limits.admit(&identity.user, ip) {
+        Ok(slot) => slot,
+        Err(e) => {
+            let mut sink = sink;
+            let frame = ServerFrame::Error {
+                code: e.code,
+                reference: "hello",
+                message: &e.message,
+                retry_after_ms: e.retry_after_ms,
+            };
+            let _ = sink.send(Message::Text(frame.encode())).await;
+            let _ = sink.send(close_msg(close::ABUSE, "too many connections")).await;
+            return;
+        }
+    };
+
     let session = uuid::Uuid::new_v4().simple().to_string();
     let (events_tx, events_rx) = mpsc::channel(16);
     let conn = ConnHandle::new(state.next_conn_id(), session, identity.user.clone(), tx, events_tx);
-    let writer = tokio::spawn(write_loop(sink, rx, conn.clone(), state.shutdown.clone(), state.settings.heartbeat));
+    let timing =
+        WriterTiming { heartbeat: state.settings.heartbeat, drain_spread: state.settings.drain_window.mul_f32(0.6) };
+    let writer = tokio::spawn(write_loop(sink, rx, conn.clone(), state.shutdown.clone(), timing));
     conn.send(
         ServerFrame::Welcome {
             user: conn.user.as_str(),
@@ -79,16 +98,28 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>) {
         typing_in: HashSet::new(),
         watching: HashSet::new(),
         events: events_rx,
+        limits: state.limits.connection(),
+        last_heard: Instant::now(),
     };
     session.run(&mut stream).await;
     session.finish().await;
     // Let the writer flush what is queued (an error frame, a close code),
-    // but never wait long on a client that does not read.
+    // but never wait long on a client that does not read. Meanwhile keep
+    // reading (and dropping) what the client still sends until its close: a
+    // socket closed with unread input is reset, and the client would miss
+    // our close code.
     let mut writer = writer;
-    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close_after_queue(close::NORMAL, "")).await;
-    if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
-        conn.close_now(close::NORMAL);
-        let _ = writer.await;
+    let closing = async {
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close_after_queue(close::NORMAL, "")).await;
+        if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
+            conn.close_now(close::NORMAL);
+            let _ = (&mut writer).await;
+        }
+    };
+    let discard = async { while let Some(Ok(_)) = stream.next().await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(3), futures::future::join(closing, discard)).await;
+    if !writer.is_finished() {
+        writer.abort();
     }
 }
 
@@ -122,23 +153,42 @@ fn close_msg(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
 }
 
+struct WriterTiming {
+    heartbeat: Duration,
+    /// On shutdown, the 1012 close comes after a random delay up to this.
+    drain_spread: Duration,
+}
+
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Out>,
     conn: Arc<ConnHandle>,
     shutdown: CancellationToken,
-    heartbeat: Duration,
+    timing: WriterTiming,
 ) {
+    let heartbeat = timing.heartbeat;
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    // Until shutdown: never. Then: this connection's random moment in the drain window.
+    let restart = async {
+        shutdown.cancelled().await;
+        let jitter = timing.drain_spread.mul_f64(rand::random::<f64>());
+        tokio::time::sleep(jitter).await;
+    };
+    tokio::pin!(restart);
     loop {
         tokio::select! {
             biased;
             _ = conn.killed().cancelled() => {
                 let code = conn.close_code();
+                if code == close::ABUSE {
+                    // The client should learn why: pass on the frames already
+                    // queued (its rate_limited errors), briefly.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), flush_queued(&mut sink, &mut rx)).await;
+                }
                 let _ = sink.send(close_msg(code, reason_of(code))).await;
                 break;
             }
-            _ = shutdown.cancelled() => {
+            _ = &mut restart => {
                 let _ = sink.send(close_msg(close::RESTARTING, "gateway restarting")).await;
                 conn.close_now(close::RESTARTING);
                 break;
@@ -158,6 +208,16 @@ async fn write_loop(
             }
         }
     }
+}
+
+/// Writes the frames queued so far (the queue is bounded; so is the caller's wait).
+async fn flush_queued(sink: &mut SplitSink<WebSocket, Message>, rx: &mut mpsc::Receiver<Out>) {
+    while let Ok(Out::Frame(f)) = rx.try_recv() {
+        if sink.feed(Message::Text(f)).await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.flush().await;
 }
 
 /// Writes `first` and whatever else is queued (up to a batch) with one flush.
@@ -192,6 +252,7 @@ fn reason_of(code: u16) -> &'static str {
         close::UNAUTHORIZED => "unauthorized",
         close::RESTARTING => "gateway restarting",
         close::ABUSE => "too many frames",
+        close::IDLE => "idle timeout",
         _ => "",
     }
 }
@@ -207,12 +268,16 @@ struct Session<'a> {
     /// Users whose presence this connection watches.
     watching: HashSet<UserId>,
     events: mpsc::Receiver<UserEvent>,
+    limits: super::limits::ConnLimits,
+    /// When the client last sent anything (a frame or a pong).
+    last_heard: Instant,
 }
 
 impl Session<'_> {
     async fn run(&mut self, stream: &mut Reader) {
         loop {
             let expiry = tokio::time::sleep(Duration::from_secs(self.exp.saturating_sub(unix_now())));
+            let idle = tokio::time::sleep_until(self.last_heard + self.state.settings.idle_timeout);
             let frame = tokio::select! {
                 biased;
                 _ = self.conn.killed().cancelled() => return,
@@ -227,8 +292,14 @@ impl Session<'_> {
                     self.conn.close_after_queue(close::UNAUTHORIZED, "token expired").await;
                     return;
                 }
+                _ = idle => {
+                    tracing::debug!(conn = self.conn.id, "idle timeout");
+                    self.conn.close_now(close::IDLE);
+                    return;
+                }
                 f = stream.next() => f,
             };
+            self.last_heard = Instant::now();
             match frame {
                 Some(Ok(Message::Text(text))) => {
                     if !self.handle_text(&text).await {
@@ -330,7 +401,25 @@ impl Session<'_> {
     }
 
     async fn api_error(&self, reference: &str, e: ApiError) {
-        self.error(e.code, reference, &e.message).await;
+        let frame =
+            ServerFrame::Error { code: e.code, reference, message: &e.message, retry_after_ms: e.retry_after_ms };
+        self.conn.send(frame.encode()).await;
+    }
+
+    /// Answers a frame over a limit; `false` once the client keeps at it
+    /// (closed 4029).
+    /// A refused send is always answered (the client must resend that id);
+    /// other refused frames at most once a second, so a flood is not echoed.
+    async fn refuse(&mut self, reference: &str, e: ApiError, is_send: bool) -> bool {
+        if self.limits.strike() {
+            // Abusive: close at once, ahead of whatever is still queued.
+            self.conn.close_now(close::ABUSE);
+            return false;
+        }
+        if is_send || self.limits.should_answer() {
+            self.api_error(reference, e).await;
+        }
+        true
     }
 
     /// Handles one frame; `false` ends the connection.
@@ -342,10 +431,17 @@ impl Session<'_> {
                 return true;
             }
         };
+        if let Err(e) = self.limits.frame() {
+            let is_send = matches!(frame, ClientFrame::Send { .. });
+            return self.refuse(protocol::reference(&frame), e, is_send).await;
+        }
         match frame {
             ClientFrame::Hello { .. } => self.error(Code::BadRequest, "hello", "already authenticated").await,
             ClientFrame::Ping => self.conn.send(ServerFrame::Pong.encode()).await,
             ClientFrame::Join { room, since } => {
+                if let Err(e) = self.limits.join() {
+                    return self.refuse("join", e, false).await;
+                }
                 if let Err(e) = self.join(&room, since).await {
                     self.api_error("join", e).await;
                 }
@@ -361,6 +457,10 @@ impl Session<'_> {
             },
             ClientFrame::Send { room, id, body, kind, attachment } => {
                 let reference: String = id.chars().take(64).collect();
+                // Over a limit nothing is stored: the client resends the same id later.
+                if let Err(e) = self.limits.send().and_then(|()| self.state.limits.user_send(&self.conn.user)) {
+                    return self.refuse(&reference, e, true).await;
+                }
                 if let Err(e) = self.send(&room, &id, body, kind, attachment).await {
                     self.api_error(&reference, e).await;
                 }
@@ -406,6 +506,10 @@ impl Session<'_> {
     async fn join(&mut self, room: &str, since: Option<u64>) -> Result<(), ApiError> {
         let room = self.member_room(room).await?;
         let state = self.state;
+        let max = state.settings.limits.limit_rooms_per_conn;
+        if !self.rooms.contains(&room) && max > 0 && self.rooms.len() >= max {
+            return Err(ApiError::new(Code::TooLarge, format!("at most {max} rooms per connection; leave one first")));
+        }
         if self.rooms.remove(&room) {
             state.hub.leave(&room, self.conn.id); // re-join: start over from `since`
         }

@@ -43,10 +43,26 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/{token}", delete(unregister_device))
         .route("/v1/presence", get(presence))
         .route("/v1/sessions", delete(revoke_sessions))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), per_ip_limit))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// HTTP requests per client address (every API route and the upgrade; not
+/// the health checks).
+async fn per_ip_limit(
+    State(state): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ip = ws::client_ip(&state, req.headers(), peer);
+    match state.limits.http_from_ip(ip) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// The authenticated caller of an HTTP request (`Authorization: Bearer`).
@@ -62,7 +78,9 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
-        state.verifier.verify(token.trim()).map(Caller).map_err(|e| ApiError::unauthorized(e.to_string()))
+        let id = state.verifier.verify(token.trim()).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        state.limits.http_from_user(&id.user)?;
+        Ok(Caller(id))
     }
 }
 
@@ -270,6 +288,7 @@ async fn send_message(
     let room = room_id(&id)?;
     let req: SendBody = parse(&body)?;
     let msg_id = ClientMsgId::parse(&req.id)?;
+    state.limits.user_send(&me.user)?;
     require_member(&state, &room, &me.user).await?;
     let attachment = connection::check_attachment(req.kind, req.attachment)?;
     let new = NewMessage { room: &room, from: &me.user, id: &msg_id, body: req.body, kind: req.kind, attachment };

@@ -7,6 +7,7 @@
 pub mod connection;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod membership;
 pub mod outbound;
 pub mod presence;
@@ -47,6 +48,9 @@ pub struct AppState {
     pub membership: Arc<membership::Membership>,
     pub presence: Arc<presence::Presence>,
     pub users: Arc<users::Users>,
+    pub limits: Arc<limits::Limits>,
+    /// Every WebSocket connection's task (waited for on shutdown).
+    pub connections: tokio_util::task::TaskTracker,
     /// Typing frames per (user, room).
     pub typing_limit: Arc<governor::DefaultKeyedRateLimiter<(crate::ids::UserId, crate::ids::RoomId)>>,
     /// Cancelled when the gateway shuts down: sockets close with 1012.
@@ -98,7 +102,10 @@ impl Gateway {
         );
         let per_sec = std::num::NonZeroU32::new(settings.typing_per_sec.max(1)).expect("non-zero");
         let typing_limit = Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(per_sec)));
+        let limits = limits::Limits::new(&settings.limits);
         let state = AppState {
+            limits,
+            connections: tokio_util::task::TaskTracker::new(),
             users: users::Users::new(nats.clone(), membership.clone()),
             membership,
             presence,
@@ -116,6 +123,7 @@ impl Gateway {
             next_conn: Arc::new(AtomicU64::new(1)),
         };
         tokio::spawn(resync_on_reconnect(reconnects, state.hub.clone(), state.presence.clone()));
+        tokio::spawn(forget_idle_keys(state.limits.clone(), state.typing_limit.clone(), state.shutdown.clone()));
         Ok(Self { listener, state })
     }
 
@@ -138,12 +146,22 @@ impl Gateway {
                 conns_stop.cancel();
             });
         serve.await.context("HTTP server failed")?;
-        let n = state.presence.hand_over(Duration::from_secs(3)).await;
-        tracing::info!(users = n, "presence entries set to expire after the grace");
-        if tokio::time::timeout(Duration::from_secs(5), state.nats.drain()).await.is_err() {
-            tracing::warn!("NATS drain did not finish in 5 s");
+        // The sockets close themselves (1012) spread over most of the drain
+        // window; what is left of it bounds the rest of the shutdown.
+        let started = tokio::time::Instant::now();
+        let window = state.settings.drain_window;
+        state.connections.close();
+        if tokio::time::timeout(window.mul_f32(0.8), state.connections.wait()).await.is_err() {
+            tracing::warn!(left = state.connections.len(), "connections still open at the end of the drain window");
         }
-        tracing::info!("gateway stopped");
+        let rest = window.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
+        let n = state.presence.hand_over(rest.min(Duration::from_secs(3))).await;
+        tracing::info!(users = n, "presence entries set to expire after the grace");
+        let rest = window.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
+        if tokio::time::timeout(rest.min(Duration::from_secs(5)), state.nats.drain()).await.is_err() {
+            tracing::warn!("NATS drain did not finish in time");
+        }
+        tracing::info!(took_ms = started.elapsed().as_millis() as u64, "gateway stopped");
         Ok(())
     }
 }
@@ -155,5 +173,22 @@ async fn resync_on_reconnect(mut reconnects: bus::Reconnects, hub: Arc<hub::Hub>
         tracing::info!(rooms = hub.room_count(), "NATS reconnected: re-reading room tails and presence");
         hub.check_tails();
         presence.resync().await;
+    }
+}
+
+/// Keyed limiters keep a cell per key they ever saw: forget idle ones.
+async fn forget_idle_keys(
+    limits: Arc<limits::Limits>,
+    typing: Arc<governor::DefaultKeyedRateLimiter<(crate::ids::UserId, crate::ids::RoomId)>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        limits.forget_idle();
+        typing.retain_recent();
+        typing.shrink_to_fit();
     }
 }

@@ -18,6 +18,8 @@ use crate::ids::UserId;
 /// Close codes of the protocol.
 pub mod close {
     pub const NORMAL: u16 = 1000;
+    /// No frame or pong within NATTER_IDLE_TIMEOUT (half-open connections).
+    pub const IDLE: u16 = 1001;
     pub const TOO_BIG: u16 = 1009;
     pub const RESTARTING: u16 = 1012;
     pub const UNAUTHORIZED: u16 = 4001;

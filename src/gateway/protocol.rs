@@ -154,6 +154,23 @@ pub enum ServerFrame<'a> {
     },
 }
 
+/// What an error about `frame` refers to: a send's client id, else the frame type.
+pub fn reference(frame: &ClientFrame) -> &str {
+    match frame {
+        ClientFrame::Send { id, .. } => id.get(..id.len().min(64)).unwrap_or("send"),
+        ClientFrame::Hello { .. } => "hello",
+        ClientFrame::Ping => "ping",
+        ClientFrame::Join { .. } => "join",
+        ClientFrame::Leave { .. } => "leave",
+        ClientFrame::Read { .. } => "read",
+        ClientFrame::Refresh { .. } => "refresh",
+        ClientFrame::Typing { .. } => "typing",
+        ClientFrame::Presence { .. } => "presence",
+        ClientFrame::PresenceSub { .. } => "presence_sub",
+        ClientFrame::PresenceUnsub { .. } => "presence_unsub",
+    }
+}
+
 impl ServerFrame<'_> {
     pub fn encode(&self) -> Utf8Bytes {
         Utf8Bytes::from(serde_json::to_string(self).expect("serialisable"))

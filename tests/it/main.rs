@@ -6,6 +6,7 @@ mod helpers;
 mod bad_input;
 mod cli;
 mod http_api;
+mod limits;
 mod messaging;
 mod notifier;
 mod ops;

@@ -14,10 +14,19 @@ use tokio_util::sync::CancellationToken;
 use super::{NatsServer, SECRET, TestDb, free_port};
 
 #[derive(Parser)]
+#[command(args_override_self = true)]
 struct Wrap {
     #[command(flatten)]
     g: GatewaySettings,
 }
+
+const UNLIMITED: [&str; 5] = [
+    "--limit-frames-per-sec",
+    "--limit-sends-per-sec",
+    "--limit-user-sends-per-sec",
+    "--limit-http-per-ip-per-sec",
+    "--limit-http-per-token-per-sec",
+];
 
 pub fn settings(nats: &str, db: &TestDb, node: &str, extra: &[&str]) -> GatewaySettings {
     let mut args = vec![
@@ -33,6 +42,11 @@ pub fn settings(nats: &str, db: &TestDb, node: &str, extra: &[&str]) -> GatewayS
         "--jwt-secret".into(),
         SECRET.into(),
     ];
+    // Tests send faster than people do: rate limits off unless a test sets them
+    // (a later flag wins).
+    for limit in UNLIMITED {
+        args.extend([limit.to_owned(), "0".to_owned()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     Wrap::try_parse_from(args).expect("test settings").g
 }
