@@ -146,6 +146,10 @@ pub struct GatewaySettings {
     /// Frames queued per connection before it counts as a slow consumer.
     #[arg(long, env = "NATTER_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
+    /// Bytes queued per connection before it counts as a slow consumer (4008).
+    /// Typing and presence frames are dropped first, once the queue is half full.
+    #[arg(long, env = "NATTER_OUTBOUND_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub outbound_bytes: usize,
     /// Lifetime of a gateway's presence entries unless its heartbeat refreshes
     /// them (a crashed gateway's users go offline after this).
     #[arg(long, env = "NATTER_PRESENCE_TTL", default_value = "30s", value_parser = parse_duration)]

@@ -72,7 +72,8 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>, i
 
     let session = uuid::Uuid::new_v4().simple().to_string();
     let (events_tx, events_rx) = mpsc::channel(16);
-    let conn = ConnHandle::new(state.next_conn_id(), session, identity.user.clone(), tx, events_tx);
+    let max_bytes = state.settings.outbound_bytes;
+    let conn = ConnHandle::new(state.next_conn_id(), session, identity.user.clone(), tx, events_tx, max_bytes);
     let timing =
         WriterTiming { heartbeat: state.settings.heartbeat, drain_spread: state.settings.drain_window.mul_f32(0.6) };
     let writer = tokio::spawn(write_loop(sink, rx, conn.clone(), state.shutdown.clone(), timing));
@@ -183,7 +184,7 @@ async fn write_loop(
                 if code == close::ABUSE {
                     // The client should learn why: pass on the frames already
                     // queued (its rate_limited errors), briefly.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), flush_queued(&mut sink, &mut rx)).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), flush_queued(&mut sink, &mut rx, &conn)).await;
                 }
                 let _ = sink.send(close_msg(code, reason_of(code))).await;
                 break;
@@ -211,8 +212,9 @@ async fn write_loop(
 }
 
 /// Writes the frames queued so far (the queue is bounded; so is the caller's wait).
-async fn flush_queued(sink: &mut SplitSink<WebSocket, Message>, rx: &mut mpsc::Receiver<Out>) {
+async fn flush_queued(sink: &mut SplitSink<WebSocket, Message>, rx: &mut mpsc::Receiver<Out>, conn: &ConnHandle) {
     while let Ok(Out::Frame(f)) = rx.try_recv() {
+        conn.dequeued(f.len());
         if sink.feed(Message::Text(f)).await.is_err() {
             return;
         }
@@ -231,7 +233,10 @@ async fn write_batch(
     let mut n = 0;
     while let Some(out) = next.take() {
         match out {
-            Out::Frame(f) => sink.feed(Message::Text(f)).await?,
+            Out::Frame(f) => {
+                conn.dequeued(f.len());
+                sink.feed(Message::Text(f)).await?
+            }
             Out::Close(code, reason) => {
                 sink.send(close_msg(code, reason)).await?;
                 conn.close_now(code);

@@ -5,7 +5,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicU16, Ordering},
+    atomic::{AtomicU16, AtomicUsize, Ordering},
 };
 
 use axum::extract::ws::Utf8Bytes;
@@ -43,6 +43,9 @@ pub struct ConnHandle {
     events: mpsc::Sender<UserEvent>,
     kill: CancellationToken,
     close_code: AtomicU16,
+    /// Bytes of the frames in the queue, and their bound.
+    queued_bytes: AtomicUsize,
+    max_bytes: usize,
 }
 
 impl ConnHandle {
@@ -52,8 +55,39 @@ impl ConnHandle {
         user: UserId,
         tx: mpsc::Sender<Out>,
         events: mpsc::Sender<UserEvent>,
+        max_bytes: usize,
     ) -> Arc<Self> {
-        Arc::new(Self { id, session, user, tx, events, kill: CancellationToken::new(), close_code: AtomicU16::new(0) })
+        Arc::new(Self {
+            id,
+            session,
+            user,
+            tx,
+            events,
+            kill: CancellationToken::new(),
+            close_code: AtomicU16::new(0),
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes,
+        })
+    }
+
+    /// The writer took a frame of `len` bytes off the queue.
+    pub fn dequeued(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+    }
+
+    /// Whether the queue is more than half full, by frames or by bytes.
+    fn backed_up(&self) -> bool {
+        self.tx.capacity() < self.tx.max_capacity() / 2 || self.queued_bytes.load(Ordering::Acquire) > self.max_bytes / 2
+    }
+
+    /// Queues a frame that may be lost (typing, presence, read markers of
+    /// others): dropped, not queued, once the queue is half full, so that a
+    /// slow client's room is kept for messages. Returns whether it was queued.
+    pub fn deliver_ephemeral(&self, frame: Utf8Bytes) -> bool {
+        if self.backed_up() {
+            return false;
+        }
+        self.deliver(frame)
     }
 
     /// Hands a user event to the connection's reader.
@@ -66,19 +100,34 @@ impl ConnHandle {
     /// Queues a frame without waiting. A full queue closes the connection
     /// as a slow consumer. Returns whether the frame was queued.
     pub fn deliver(&self, frame: Utf8Bytes) -> bool {
+        let len = frame.len();
+        if self.queued_bytes.fetch_add(len, Ordering::AcqRel) + len > self.max_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.close_now(close::SLOW_CONSUMER);
+            return false;
+        }
         match self.tx.try_send(Out::Frame(frame)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
                 self.close_now(close::SLOW_CONSUMER);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                false
+            }
         }
     }
 
-    /// Queues a frame, waiting for room (the connection's own replies).
+    /// Queues a frame, waiting for room (the connection's own replies: the
+    /// client that does not read them stops being read, TCP pushes back).
     pub async fn send(&self, frame: Utf8Bytes) {
-        let _ = self.tx.send(Out::Frame(frame)).await;
+        let len = frame.len();
+        self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        if self.tx.send(Out::Frame(frame)).await.is_err() {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        }
     }
 
     /// Queues a close after what is already queued.
@@ -101,5 +150,45 @@ impl ConnHandle {
             0 => close::NORMAL,
             c => c,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(frames: usize, bytes: usize) -> (Arc<ConnHandle>, mpsc::Receiver<Out>) {
+        let (tx, rx) = mpsc::channel(frames);
+        let (events, _) = mpsc::channel(1);
+        (ConnHandle::new(1, "s".into(), UserId::parse("u").unwrap(), tx, events, bytes), rx)
+    }
+
+    #[test]
+    fn ephemeral_frames_give_way_before_messages_then_a_full_queue_is_a_slow_consumer() {
+        let (c, mut rx) = conn(4, 1 << 20);
+        assert!(c.deliver_ephemeral(Utf8Bytes::from_static("typing")));
+        assert!(c.deliver(Utf8Bytes::from_static("m1")));
+        assert!(c.deliver(Utf8Bytes::from_static("m2")), "half full now");
+        assert!(!c.deliver_ephemeral(Utf8Bytes::from_static("typing")), "dropped, not queued");
+        assert!(c.deliver(Utf8Bytes::from_static("m3")), "messages still fit");
+        assert!(!c.killed().is_cancelled());
+        assert!(!c.deliver(Utf8Bytes::from_static("m4")), "the queue is full");
+        assert_eq!(c.close_code(), close::SLOW_CONSUMER);
+        let mut got = Vec::new();
+        while let Ok(Out::Frame(f)) = rx.try_recv() {
+            got.push(f.to_string());
+        }
+        assert_eq!(got, ["typing", "m1", "m2", "m3"]);
+    }
+
+    #[test]
+    fn queued_bytes_are_bounded_and_given_back_by_the_writer() {
+        let (c, mut rx) = conn(100, 10);
+        assert!(c.deliver(Utf8Bytes::from_static("12345678")));
+        let Ok(Out::Frame(f)) = rx.try_recv() else { panic!("queued") };
+        c.dequeued(f.len());
+        assert!(c.deliver(Utf8Bytes::from_static("12345678")), "room again once written");
+        assert!(!c.deliver(Utf8Bytes::from_static("abc")), "over 10 bytes queued");
+        assert_eq!(c.close_code(), close::SLOW_CONSUMER);
     }
 }

@@ -73,7 +73,7 @@ impl Watch {
         if self.initialized && self.sent.is_none_or(|s| s.status != v.status) {
             self.sent = Some(v);
             for c in self.subscribers.values() {
-                c.deliver(frame(user.as_str(), v));
+                c.deliver_ephemeral(frame(user.as_str(), v));
             }
         }
     }
@@ -281,7 +281,7 @@ impl Presence {
             let v = w.view();
             w.sent = Some(v);
             for c in w.subscribers.values() {
-                c.deliver(frame(u.as_str(), v));
+                c.deliver_ephemeral(frame(u.as_str(), v));
             }
             let this = Arc::downgrade(self);
             let user = u.clone();

@@ -249,7 +249,7 @@ impl Room {
         };
         for m in self.members.values() {
             if Some(m.conn.session.as_str()) != origin {
-                m.conn.deliver(frame.clone());
+                m.conn.deliver_ephemeral(frame.clone());
             }
         }
     }
@@ -262,7 +262,7 @@ impl Room {
         let Ok(frame) = Utf8Bytes::try_from(msg.payload) else { return };
         for m in self.members.values() {
             if Some(m.conn.user.as_str()) != origin {
-                m.conn.deliver(frame.clone());
+                m.conn.deliver_ephemeral(frame.clone());
             }
         }
     }
