@@ -1,0 +1,49 @@
+//! NATS going away under a gateway: connections stay, sends are refused with a
+//! clear error (never acked), and everything recovers when it is back.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::{assert_eventually, helpers::*};
+
+async fn ready(base: &str) -> (u16, Value) {
+    let r = http().get(format!("{base}/readyz")).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_keeps_connections_refuses_sends_meanwhile_and_recovers() {
+    let mut s = Stack::start().await;
+    create_room(&s.gw1.http(), "alice", "general", &["bob"]).await;
+    let mut alice = Client::connect(s.gw1.addr, "alice").await;
+    let mut bob = Client::connect(s.gw2.addr, "bob").await;
+    alice.join("general", None).await;
+    bob.join("general", None).await;
+    let first = alice.send_msg("general", "m1", "before").await;
+
+    s.nats.kill();
+    assert_eventually!(Duration::from_secs(5), ready(&s.gw1.http()).await.0 == 503, "readyz reflects the outage");
+    assert_eq!(ready(&s.gw1.http()).await.1["nats"], false);
+    alice.send(json!({"type": "send", "room": "general", "id": "m2", "body": "during"})).await;
+    let answer = loop {
+        let v = alice.recv().await;
+        if v["type"] == "ack" || v["type"] == "error" {
+            break v;
+        }
+    };
+    assert_eq!(answer["type"], "error", "no ack for what was not stored: {answer}");
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    assert_eq!(answer["ref"], "m2");
+    alice.send(json!({"type": "ping"})).await;
+    assert_eq!(alice.expect("pong").await["type"], "pong", "the connection stays open");
+
+    s.nats.restart();
+    assert_eventually!(Duration::from_secs(15), ready(&s.gw1.http()).await.0 == 200, "ready again");
+    // The refused message is resent with the same id and stored once.
+    let second = alice.send_msg("general", "m2", "during").await;
+    assert!(second > first);
+    let got = bob.messages("general", 2).await;
+    assert_eq!(seqs_in_order(&got), vec![first, second], "bob got both, in order, once");
+    bob.expect_silence(Duration::from_millis(500)).await;
+}
