@@ -183,4 +183,207 @@ mod tests {
         let bad_sub = Signer::hs256(SECRET).mint("a.b", Duration::from_secs(60), None).unwrap();
         assert!(v.verify(&bad_sub).is_err());
     }
+
+    /// A fresh key pair for `alg` as PEM files: (dir, private, public). None
+    /// for EdDSA when `openssl` is missing (no crate here writes Ed25519 PEM).
+    fn key_pair(alg: JwtAlg) -> Option<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> {
+        use p256::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _, LineEnding};
+        let dir = tempfile::tempdir().unwrap();
+        let (private, public) = (dir.path().join("private.pem"), dir.path().join("public.pem"));
+        match alg {
+            JwtAlg::Rs256 => {
+                let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).unwrap();
+                std::fs::write(&private, key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+                std::fs::write(&public, key.to_public_key().to_public_key_pem(LineEnding::LF).unwrap()).unwrap();
+            }
+            JwtAlg::Es256 => {
+                let key = p256::SecretKey::random(&mut rand_core::OsRng);
+                std::fs::write(&private, key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+                std::fs::write(&public, key.public_key().to_public_key_pem(LineEnding::LF).unwrap()).unwrap();
+            }
+            JwtAlg::EdDsa => {
+                let run = |args: &[&std::ffi::OsStr]| {
+                    std::process::Command::new("openssl").args(args).output().ok().filter(|o| o.status.success())
+                };
+                run(&[
+                    "genpkey".as_ref(),
+                    "-algorithm".as_ref(),
+                    "ed25519".as_ref(),
+                    "-out".as_ref(),
+                    private.as_ref(),
+                ])?;
+                run(&[
+                    "pkey".as_ref(),
+                    "-in".as_ref(),
+                    private.as_ref(),
+                    "-pubout".as_ref(),
+                    "-out".as_ref(),
+                    public.as_ref(),
+                ])
+                .expect("openssl pkey -pubout");
+            }
+            JwtAlg::Hs256 => unreachable!("symmetric"),
+        }
+        Some((dir, private, public))
+    }
+
+    fn settings(alg: JwtAlg, public: Option<&std::path::Path>) -> JwtSettings {
+        JwtSettings { jwt_alg: alg, jwt_secret: Some(Secret::new(SECRET)), jwt_public_key: public.map(Into::into) }
+    }
+
+    #[test]
+    fn asymmetric_algorithms_accept_only_their_own_key_and_algorithm() {
+        let ttl = Duration::from_secs(60);
+        let mut pairs = Vec::new();
+        for alg in [JwtAlg::Rs256, JwtAlg::Es256, JwtAlg::EdDsa] {
+            match key_pair(alg) {
+                Some(p) => pairs.push((alg, p)),
+                None => eprintln!("openssl missing: {alg:?} not tested"),
+            }
+        }
+        for (alg, (_dir, private, public)) in &pairs {
+            let (alg, v) = (*alg, Verifier::from_settings(&settings(*alg, Some(public))).unwrap());
+            let signer = Signer::from_settings(&settings(alg, None), Some(private)).unwrap();
+            let good = signer.mint("alice", ttl, None).unwrap();
+            assert_eq!(v.verify(&good).unwrap().user.as_str(), "alice", "{alg:?}");
+
+            // Same algorithm, another key.
+            let (_d2, other_private, _) = key_pair(alg).unwrap();
+            let other = Signer::from_settings(&settings(alg, None), Some(&other_private)).unwrap();
+            assert!(
+                matches!(v.verify(&other.mint("alice", ttl, None).unwrap()), Err(AuthError::Invalid(_))),
+                "{alg:?}"
+            );
+
+            // Algorithm confusion: HS256 keyed with the public key's PEM (and DER-ish variants).
+            let pem = std::fs::read_to_string(public).unwrap();
+            for secret in [pem.as_str(), pem.trim_end()] {
+                let forged = Signer::hs256(secret).mint("alice", ttl, None).unwrap();
+                assert!(matches!(v.verify(&forged), Err(AuthError::Invalid(_))), "{alg:?}: HS256 with public key");
+            }
+            // The HS256 secret in the settings is not a way in either.
+            let hs = Signer::hs256(SECRET).mint("alice", ttl, None).unwrap();
+            assert!(matches!(v.verify(&hs), Err(AuthError::Invalid(_))), "{alg:?}: HS256 with the configured secret");
+
+            // Another asymmetric algorithm's token.
+            for (other_alg, (_, other_private, _)) in &pairs {
+                if *other_alg != alg {
+                    let t = Signer::from_settings(&settings(*other_alg, None), Some(other_private))
+                        .unwrap()
+                        .mint("alice", ttl, None)
+                        .unwrap();
+                    assert!(matches!(v.verify(&t), Err(AuthError::Invalid(_))), "{alg:?} took {other_alg:?}");
+                }
+            }
+
+            // Expired beyond the leeway.
+            let key = std::fs::read(private).unwrap();
+            let key = match alg {
+                JwtAlg::Rs256 => EncodingKey::from_rsa_pem(&key),
+                JwtAlg::Es256 => EncodingKey::from_ec_pem(&key),
+                _ => EncodingKey::from_ed_pem(&key),
+            }
+            .unwrap();
+            let claims = Claims { sub: "alice".into(), exp: unix_now() - 120, name: None };
+            let expired = jsonwebtoken::encode(&Header::new(algorithm(alg)), &claims, &key).unwrap();
+            assert!(matches!(v.verify(&expired), Err(AuthError::Expired)), "{alg:?}");
+
+            // And the HS256 verifier does not take the asymmetric token.
+            assert!(verifier().verify(&good).is_err(), "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn misconfigured_keys_are_refused_at_start() {
+        let short =
+            JwtSettings { jwt_alg: JwtAlg::Hs256, jwt_secret: Some(Secret::new("short")), jwt_public_key: None };
+        assert!(Verifier::from_settings(&short).is_err());
+        let none = JwtSettings { jwt_alg: JwtAlg::Hs256, jwt_secret: None, jwt_public_key: None };
+        assert!(Verifier::from_settings(&none).is_err());
+        assert!(Verifier::from_settings(&settings(JwtAlg::Rs256, None)).is_err(), "no public key");
+        let missing = std::path::Path::new("/nonexistent/natter-public.pem");
+        assert!(Verifier::from_settings(&settings(JwtAlg::Es256, Some(missing))).is_err());
+        // An EC key where an RSA one is configured (and the reverse).
+        let (_d1, _, ec_public) = key_pair(JwtAlg::Es256).unwrap();
+        assert!(Verifier::from_settings(&settings(JwtAlg::Rs256, Some(&ec_public))).is_err());
+        let (_d2, _, rsa_public) = key_pair(JwtAlg::Rs256).unwrap();
+        assert!(Verifier::from_settings(&settings(JwtAlg::Es256, Some(&rsa_public))).is_err());
+        let junk = _d1.path().join("junk.pem");
+        std::fs::write(&junk, "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").unwrap();
+        assert!(Verifier::from_settings(&settings(JwtAlg::EdDsa, Some(&junk))).is_err());
+    }
+
+    mod props {
+        use super::*;
+        use base64::Engine as _;
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        fn b64(b: &[u8]) -> String {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+        }
+
+        /// `header.claims.signature`, base64url without padding.
+        fn compact(header: &Value, claims: &Value, sig: &[u8]) -> String {
+            format!("{}.{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()), b64(sig))
+        }
+
+        fn header() -> impl Strategy<Value = Value> {
+            let alg = prop_oneof![
+                prop::sample::select(vec!["HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA", "none", "None", ""])
+                    .prop_map(Value::from),
+                any::<String>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                Just(Value::Null),
+            ];
+            (alg, prop::option::of(any::<String>())).prop_map(|(alg, kid)| {
+                let mut h = json!({"alg": alg, "typ": "JWT"});
+                if let Some(k) = kid {
+                    h["kid"] = json!(k);
+                }
+                h
+            })
+        }
+
+        fn claims() -> impl Strategy<Value = Value> {
+            let sub = prop_oneof![Just(json!("alice")), any::<String>().prop_map(Value::from), Just(Value::Null)];
+            let exp = prop_oneof![
+                Just(json!(unix_now() + 3600)),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                any::<String>().prop_map(Value::from),
+            ];
+            (sub, exp).prop_map(|(sub, exp)| json!({"sub": sub, "exp": exp}))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+            /// Junk and forged tokens are refused, never a panic.
+            #[test]
+            fn verify_refuses_junk_without_panicking(
+                token in prop_oneof![
+                    any::<String>(),
+                    "[A-Za-z0-9_=.-]{0,300}",
+                    (header(), claims(), prop::collection::vec(any::<u8>(), 0..80))
+                        .prop_map(|(h, c, sig)| compact(&h, &c, &sig)),
+                    (header(), claims()).prop_map(|(h, c)| compact(&h, &c, &[])),
+                ],
+            ) {
+                prop_assert!(verifier().verify(&token).is_err(), "{:?} was accepted", token);
+            }
+
+            /// A correctly signed token verifies iff its `sub` is a valid user id.
+            #[test]
+            fn a_signed_token_names_a_valid_user_or_is_refused(
+                sub in prop_oneof!["[A-Za-z0-9_-]{1,64}", any::<String>()],
+            ) {
+                let t = Signer::hs256(SECRET).mint(&sub, Duration::from_secs(60), None).unwrap();
+                match verifier().verify(&t) {
+                    Ok(id) => prop_assert_eq!(id.user.as_str(), sub.as_str()),
+                    Err(_) => prop_assert!(UserId::parse(&sub).is_err(), "{:?} refused", sub),
+                }
+            }
+        }
+    }
 }

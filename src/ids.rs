@@ -125,4 +125,116 @@ mod tests {
         assert!(serde_json::from_str::<RoomId>("\"ok\"").is_ok());
         assert!(serde_json::from_str::<RoomId>("\"a.>\"").is_err());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// What the grammar says, written independently of `check`.
+        fn model(s: &str, extra: &[char]) -> Result<(), &'static str> {
+            if s.is_empty() {
+                Err("empty")
+            } else if s.len() > MAX_ID_LEN {
+                Err("too long")
+            } else if s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || extra.contains(&c)) {
+                Ok(())
+            } else {
+                Err("bad char")
+            }
+        }
+
+        fn kind(e: &IdError) -> &'static str {
+            match e {
+                IdError::Empty(_) => "empty",
+                IdError::TooLong(_) => "too long",
+                IdError::BadChar(..) => "bad char",
+            }
+        }
+
+        /// Mostly-valid strings with the characters that matter sprinkled in,
+        /// around the 64-byte boundary, plus arbitrary unicode.
+        fn candidates() -> impl Strategy<Value = String> {
+            let near = proptest::collection::vec(
+                prop_oneof![
+                    8 => proptest::char::ranges(vec!['a'..='z', 'A'..='Z', '0'..='9'].into()),
+                    2 => prop::sample::select(vec!['_', '-', '.', ':']),
+                    1 => prop::sample::select(vec![
+                        '*', '>', ' ', '\t', '\n', '\r', '\0', '/', 'é', '\u{a0}', '\u{3000}', '\u{feff}', '\u{1F600}',
+                    ]),
+                    1 => any::<char>(),
+                ],
+                0..80,
+            )
+            .prop_map(|cs| cs.into_iter().collect::<String>());
+            prop_oneof![3 => near, 1 => any::<String>(), 1 => "\\PC{0,70}"]
+        }
+
+        /// Whatever an id type accepted: safe as a subject token (or, with
+        /// `dots`, as a `Nats-Msg-Id`), bounded, and unchanged.
+        fn assert_safe(s: &str, out: &str, display: String, dots: bool) -> Result<(), TestCaseError> {
+            prop_assert_eq!(out, s);
+            prop_assert_eq!(display.as_str(), s);
+            prop_assert!((1..=MAX_ID_LEN).contains(&out.len()), "{:?}", out);
+            for bad in ['*', '>', '\0'] {
+                prop_assert!(!out.contains(bad), "{:?} has {:?}", out, bad);
+            }
+            prop_assert!(!out.chars().any(|c| c.is_whitespace() || c.is_control()), "{:?}", out);
+            prop_assert!(out.is_ascii(), "{:?}", out);
+            if !dots {
+                prop_assert!(!out.contains('.') && !out.contains(':'), "{:?}", out);
+            }
+            Ok(())
+        }
+
+        macro_rules! check_type {
+            ($ty:ty, $s:expr, $extra:expr, $dots:expr) => {{
+                let s: &str = $s;
+                let got = <$ty>::parse(s);
+                prop_assert_eq!(got.as_ref().map(|_| ()).map_err(kind), model(s, $extra), "{:?}", s);
+                // FromStr and JSON agree with parse.
+                prop_assert_eq!(s.parse::<$ty>().ok(), got.clone().ok());
+                let json = serde_json::to_string(s).unwrap();
+                prop_assert_eq!(serde_json::from_str::<$ty>(&json).ok(), got.clone().ok());
+                if let Ok(id) = got {
+                    assert_safe(s, id.as_str(), id.to_string(), $dots)?;
+                    // Round trip through JSON.
+                    let back: $ty = serde_json::from_str(&serde_json::to_string(&id).unwrap()).unwrap();
+                    prop_assert_eq!(back, id);
+                }
+            }};
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn parse_matches_the_grammar_and_never_panics(s in candidates()) {
+                check_type!(RoomId, &s, &[], false);
+                check_type!(UserId, &s, &[], false);
+                check_type!(NodeId, &s, &[], false);
+                check_type!(ClientMsgId, &s, &['.', ':'], true);
+            }
+
+            #[test]
+            fn every_subject_safe_id_is_accepted(s in "[A-Za-z0-9_-]{1,64}") {
+                prop_assert_eq!(RoomId::parse(&s).map(|id| id.to_string()), Ok(s.clone()));
+                prop_assert_eq!(UserId::parse(&s).map(|id| id.to_string()), Ok(s.clone()));
+                prop_assert_eq!(NodeId::parse(&s).map(|id| id.to_string()), Ok(s.clone()));
+                prop_assert_eq!(ClientMsgId::parse(&s).map(|id| id.to_string()), Ok(s.clone()));
+            }
+
+            #[test]
+            fn every_message_id_is_accepted(s in "[A-Za-z0-9_.:-]{1,64}") {
+                prop_assert_eq!(ClientMsgId::parse(&s).map(|id| id.to_string()), Ok(s.clone()));
+                let subject_safe = !s.contains('.') && !s.contains(':');
+                prop_assert_eq!(RoomId::parse(&s).is_ok(), subject_safe);
+            }
+
+            #[test]
+            fn one_byte_too_many_is_refused(s in "[A-Za-z0-9_-]{65,200}") {
+                prop_assert!(matches!(RoomId::parse(&s), Err(IdError::TooLong(_))));
+                prop_assert!(matches!(ClientMsgId::parse(&s), Err(IdError::TooLong(_))));
+            }
+        }
+    }
 }

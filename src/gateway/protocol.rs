@@ -158,6 +158,14 @@ pub enum ServerFrame<'a> {
 pub fn reference(frame: &ClientFrame) -> &str {
     match frame {
         ClientFrame::Send { id, .. } => id.get(..id.len().min(64)).unwrap_or("send"),
+        other => type_name(other),
+    }
+}
+
+/// The frame's `type`.
+pub fn type_name(frame: &ClientFrame) -> &'static str {
+    match frame {
+        ClientFrame::Send { .. } => "send",
         ClientFrame::Hello { .. } => "hello",
         ClientFrame::Ping => "ping",
         ClientFrame::Join { .. } => "join",
@@ -198,5 +206,237 @@ mod tests {
         assert!(e.message.starts_with("bad fields"));
         let deep = "[".repeat(10_000);
         assert_eq!(decode(&deep).unwrap_err().code, Code::BadRequest);
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::{Map, Value, json};
+
+        fn config() -> ProptestConfig {
+            ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() }
+        }
+
+        /// Any JSON value, nested at most `depth` levels.
+        fn json_value(depth: u32) -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                any::<String>().prop_map(Value::String),
+                prop::sample::select(KNOWN.to_vec()).prop_map(Value::from),
+            ];
+            leaf.prop_recursive(depth, 64, 8, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                    prop::collection::btree_map(field_name(), inner, 0..8)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Field names: the protocol's own (so that decoding gets far) and any.
+        fn field_name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    "type",
+                    "room",
+                    "id",
+                    "body",
+                    "kind",
+                    "attachment",
+                    "since",
+                    "seq",
+                    "token",
+                    "active",
+                    "status",
+                    "users",
+                ])
+                .prop_map(str::to_owned),
+                any::<String>(),
+            ]
+        }
+
+        /// An object with a known (or nearly known) `type` and random fields.
+        fn frame_like() -> impl Strategy<Value = Value> {
+            let ty = prop_oneof![
+                4 => prop::sample::select(KNOWN.to_vec()).prop_map(Value::from),
+                1 => json_value(2),
+            ];
+            (ty, prop::collection::btree_map(field_name(), json_value(3), 0..6)).prop_map(|(ty, fields)| {
+                let mut m: Map<String, Value> = fields.into_iter().collect();
+                m.insert("type".into(), ty);
+                Value::Object(m)
+            })
+        }
+
+        /// Whatever the input, an error carries what the error frame needs.
+        fn check_total(text: &str) -> Result<(), TestCaseError> {
+            match decode(text) {
+                Ok(f) => {
+                    let r = reference(&f);
+                    prop_assert!(r.len() <= 64);
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.code, Code::BadRequest);
+                    prop_assert!(!e.message.is_empty());
+                    prop_assert!(e.message.chars().count() <= 200, "{}", e.message);
+                    prop_assert!(e.reference.chars().count() <= 64, "{:?}", e.reference);
+                }
+            }
+            Ok(())
+        }
+
+        fn nested(depth: usize, object: bool, inner: &str) -> String {
+            let (open, close) = if object { (r#"{"a":"#, "}") } else { ("[", "]") };
+            format!("{}{inner}{}", open.repeat(depth), close.repeat(depth))
+        }
+
+        /// `{k:v,...}` with the keys in the given order (not serde_json's).
+        fn object_in_order(fields: &[(String, Value)]) -> String {
+            let parts: Vec<String> = fields.iter().map(|(k, v)| format!("{}:{}", Value::from(k.as_str()), v)).collect();
+            format!("{{{}}}", parts.join(","))
+        }
+
+        const SEND_FIELDS: &[&str] = &["type", "room", "id", "body", "kind", "attachment"];
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn never_panics_on_arbitrary_text(s in prop_oneof![
+                any::<String>(),
+                r#"[\[\]{}":,0-9a-z \\.eE+-]{0,200}"#,
+                r#"\{"type":"(send|join|hello|read|typing|presence_sub)"[,:"a-z0-9\[\]{} ]{0,100}"#,
+            ]) {
+                check_total(&s)?;
+            }
+
+            #[test]
+            fn never_panics_on_arbitrary_json(v in prop_oneof![json_value(6), frame_like()]) {
+                check_total(&v.to_string())?;
+                check_total(&serde_json::to_string_pretty(&v).unwrap())?;
+            }
+
+            #[test]
+            fn deep_nesting_is_refused_not_a_crash(
+                depth in prop_oneof![1usize..200, 200usize..=10_000, Just(10_000usize)],
+                object in any::<bool>(),
+                closed in any::<bool>(),
+                place in 0..3u8,
+            ) {
+                let value = match (closed, object) {
+                    (true, _) => nested(depth, object, "1"),
+                    (false, true) => r#"{"a":"#.repeat(depth),
+                    (false, false) => "[".repeat(depth),
+                };
+                let text = match place {
+                    0 => value,
+                    1 => format!(r#"{{"type":"ping","extra":{value}}}"#),
+                    _ => format!(r#"{{"type":"send","room":"r","id":"m1","body":"b","x":{value}}}"#),
+                };
+                check_total(&text)?;
+                let got = decode(&text);
+                match (place, closed) {
+                    // A bare array or `{"a":…}` is never a frame.
+                    (0, _) | (_, false) => prop_assert!(got.is_err()),
+                    // serde_json's recursion limit is 128 levels.
+                    (_, true) if depth >= 128 => prop_assert!(got.is_err(), "depth {}", depth),
+                    (_, true) if depth <= 100 => prop_assert!(got.is_ok(), "depth {}: {:?}", depth, got.err()),
+                    _ => {}
+                }
+            }
+
+            #[test]
+            fn a_send_keeps_its_body_whatever_the_order_and_extra_fields(
+                room in "[A-Za-z0-9_-]{1,64}",
+                id in "[A-Za-z0-9_.:-]{1,64}",
+                body in prop_oneof![any::<String>(), "\\PC{0,300}", Just(String::new())],
+                kind in prop::option::of(prop::sample::select(vec![Kind::Text, Kind::Image])),
+                attachment in prop::option::of(any::<String>()),
+                extra in prop::collection::vec(
+                    (any::<String>().prop_filter("not a send field", |k| !SEND_FIELDS.contains(&k.as_str())),
+                     json_value(3)),
+                    0..4,
+                ),
+                order in Just((0..16usize).collect::<Vec<_>>()).prop_shuffle(),
+            ) {
+                let mut fields: Vec<(String, Value)> = vec![
+                    ("type".into(), json!("send")),
+                    ("room".into(), json!(room)),
+                    ("id".into(), json!(id)),
+                    ("body".into(), json!(body)),
+                ];
+                if let Some(k) = kind {
+                    fields.push(("kind".into(), serde_json::to_value(k).unwrap()));
+                }
+                if let Some(a) = &attachment {
+                    fields.push(("attachment".into(), json!(a)));
+                }
+                // Unknown fields, each name once (a JSON object has unique keys).
+                for (k, v) in extra {
+                    if !fields.iter().any(|(f, _)| *f == k) {
+                        fields.push((k, v));
+                    }
+                }
+                // Shuffle: field i goes to the rank of i in the permutation.
+                let mut ranked: Vec<(usize, (String, Value))> =
+                    fields.into_iter().enumerate().map(|(i, f)| (order[i], f)).collect();
+                ranked.sort_by_key(|(rank, _)| *rank);
+                let fields: Vec<(String, Value)> = ranked.into_iter().map(|(_, f)| f).collect();
+                let text = object_in_order(&fields);
+
+                match decode(&text) {
+                    Ok(ClientFrame::Send { room: r, id: i, body: b, kind: k, attachment: a }) => {
+                        prop_assert_eq!(b, body);
+                        prop_assert_eq!(r, room);
+                        prop_assert_eq!(&i, &id);
+                        prop_assert_eq!(k, kind.unwrap_or(Kind::Text));
+                        prop_assert_eq!(a, attachment);
+                        let f = decode(&text).unwrap();
+                        prop_assert_eq!(reference(&f), id.as_str());
+                    }
+                    other => prop_assert!(false, "{} decoded as {:?}", text, other),
+                }
+            }
+
+            #[test]
+            fn unknown_fields_are_ignored_in_every_frame(
+                extra in prop::collection::btree_map(
+                    any::<String>().prop_filter("not a protocol field", |k| {
+                        !["type", "room", "id", "body", "kind", "attachment", "since", "seq", "token", "active",
+                          "status", "users"].contains(&k.as_str())
+                    }),
+                    json_value(3),
+                    1..5,
+                ),
+                which in 0..11usize,
+            ) {
+                let base = [
+                    json!({"type":"hello","token":"t"}),
+                    json!({"type":"join","room":"r","since":3}),
+                    json!({"type":"leave","room":"r"}),
+                    json!({"type":"send","room":"r","id":"m","body":"b"}),
+                    json!({"type":"read","room":"r","seq":1}),
+                    json!({"type":"typing","room":"r","active":true}),
+                    json!({"type":"presence","status":"away"}),
+                    json!({"type":"presence_sub","users":["a"]}),
+                    json!({"type":"presence_unsub","users":["a"]}),
+                    json!({"type":"ping"}),
+                    json!({"type":"refresh","token":"t"}),
+                ];
+                let mut v = base[which].clone();
+                let plain = format!("{:?}", decode(&v.to_string()).expect("base frame decodes"));
+                for (k, x) in extra {
+                    v[k] = x;
+                }
+                match decode(&v.to_string()) {
+                    Ok(f) => prop_assert_eq!(format!("{:?}", f), plain),
+                    Err(e) => prop_assert!(false, "{}: {:?}", v, e),
+                }
+            }
+        }
     }
 }

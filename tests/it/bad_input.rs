@@ -148,3 +148,166 @@ async fn a_frame_over_the_limit_is_refused_without_hurting_others() {
     let got = bob.messages("r", 1).await;
     assert_eq!(got[0]["id"], "small");
 }
+
+/// Sends a 1 MiB text frame (the limit is 64 KiB) on a new connection of
+/// `user`; returns the frames received before the close, and its code.
+async fn one_mib_frame(addr: std::net::SocketAddr, user: &str) -> (Vec<serde_json::Value>, Option<u16>) {
+    let mut c = Client::connect(addr, user).await;
+    let mut huge = json!({"type":"send","room":"r","id":"huge","body":""}).to_string();
+    huge.insert_str(huge.len() - 2, &"x".repeat(1024 * 1024 - huge.len()));
+    assert_eq!(huge.len(), 1024 * 1024);
+    // The gateway stops reading after the frame header, so the write may fail.
+    let _ = c.send_raw(Message::text(huge)).await;
+    let mut frames = Vec::new();
+    loop {
+        match c.next().await {
+            Some(Ok(v)) => frames.push(v),
+            Some(Err(code)) => return (frames, code),
+            None => panic!("no close within {RECV_TIMEOUT:?} after a 1 MiB frame (got {frames:?})"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_mib_frame_gets_too_large_and_others_carry_on() {
+    let s = Stack::start().await; // --max-frame-bytes: the default, 64 KiB
+    create_room(&s.gw1.http(), "alice", "r", &["bob", "carol"]).await;
+    let mut bob = Client::connect(s.gw1.addr, "bob").await;
+    bob.join("r", None).await;
+    let mut carol = Client::connect(s.gw2.addr, "carol").await;
+    carol.join("r", None).await;
+    let mut alice = Client::connect(s.gw1.addr, "alice").await;
+    alice.join("r", None).await;
+
+    let (frames, code) = one_mib_frame(s.gw1.addr, "alice").await;
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    let e = &frames[0];
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str(), e["ref"].as_str()),
+        (Some("error"), Some("too_large"), Some("frame"))
+    );
+    // Observed: the close 1009 is written, but the socket is dropped with the
+    // unread rest of the frame in its buffer, so the kernel resets it and the
+    // client reads ECONNRESET instead (None). Strict check: the ignored test below.
+    assert!(matches!(code, Some(1009) | None), "{code:?}");
+
+    // Nothing was stored or delivered; the other sockets of the same user and
+    // of others, on both gateways, carry on.
+    alice.send_msg("r", "after", "fine").await;
+    for c in [&mut bob, &mut carol] {
+        let got = c.messages("r", 1).await;
+        assert_eq!(got[0]["id"], "after", "{}", c.user);
+        c.send(json!({"type":"ping"})).await;
+        c.expect("pong").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: after an oversized frame the socket is reset before the client reads close 1009 (see report)"]
+async fn a_one_mib_frame_closes_1009() {
+    let s = Stack::start().await;
+    for _ in 0..3 {
+        let (frames, code) = one_mib_frame(s.gw1.addr, "alice").await;
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(code, Some(1009));
+    }
+}
+
+/// A text frame whose payload is not UTF-8, as tungstenite's `Message::Text`
+/// cannot carry one: raw frames.
+fn raw_text(payload: &[u8], fin: bool) -> Message {
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    };
+    Message::Frame(Frame::message(payload.to_vec(), OpCode::Data(Data::Text), fin))
+}
+
+fn raw_continuation(payload: &[u8]) -> Message {
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    };
+    Message::Frame(Frame::message(payload.to_vec(), OpCode::Data(Data::Continue), true))
+}
+
+/// The invalid-UTF-8 cases, each on a fresh connection.
+fn invalid_utf8_cases() -> Vec<(&'static str, Vec<Message>)> {
+    vec![
+        ("a lone 0xff", vec![raw_text(b"{\"type\":\"ping\",\"x\":\"\xff\"}", true)]),
+        ("an overlong '/'", vec![raw_text(b"{\"type\":\"ping\",\"x\":\"\xc0\xaf\"}", true)]),
+        ("a UTF-16 surrogate", vec![raw_text(b"{\"type\":\"ping\",\"x\":\"\xed\xa0\x80\"}", true)]),
+        ("truncated at the end", vec![raw_text(b"{\"type\":\"ping\"}\xe2\x82", true)]),
+        (
+            "split across fragments",
+            vec![
+                raw_text(b"{\"type\":\"send\",\"room\":\"r\",\"id\":\"u8\",\"body\":\"\xe2", false),
+                raw_continuation(b"\x28\"}"),
+            ],
+        ),
+    ]
+}
+
+/// What the gateway answers to `frames`: the error frames before the close, and the close code.
+async fn answer_to(addr: std::net::SocketAddr, frames: Vec<Message>) -> (Vec<serde_json::Value>, Option<u16>) {
+    let mut c = Client::connect(addr, "mallory").await;
+    for f in frames {
+        // The gateway may already be closing; what it answered is what counts.
+        let _ = c.send_raw(f).await;
+    }
+    let mut frames = Vec::new();
+    loop {
+        match c.next().await {
+            Some(Ok(v)) => frames.push(v),
+            Some(Err(code)) => return (frames, code),
+            None => panic!("no answer to invalid UTF-8 within {RECV_TIMEOUT:?} (got {frames:?})"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_text_ends_only_that_connection() {
+    let s = Stack::start().await;
+    create_room(&s.gw1.http(), "alice", "r", &["bob", "mallory"]).await;
+    let mut bob = Client::connect(s.gw1.addr, "bob").await;
+    bob.join("r", None).await;
+    let mut alice = Client::connect(s.gw1.addr, "alice").await;
+    alice.join("r", None).await;
+
+    // Binary is refused with an error and the connection stays usable, whatever the bytes.
+    let mut m = Client::connect(s.gw1.addr, "mallory").await;
+    m.send_raw(Message::binary(b"{\"type\":\"ping\",\"x\":\"\xff\xfe\"}".to_vec())).await.unwrap();
+    let e = m.expect("error").await;
+    assert_eq!((e["code"].as_str(), e["ref"].as_str()), (Some("bad_request"), Some("frame")), "{e}");
+    m.send(json!({"type":"ping"})).await;
+    m.expect("pong").await;
+
+    // Invalid UTF-8 in a text frame fails the connection (RFC 6455 §8.1):
+    // observed, the gateway closes it 1000 (not 1007) without an error frame;
+    // nothing is processed (no pong, no send) and no one else notices.
+    for (what, frames) in invalid_utf8_cases() {
+        let (answers, code) = answer_to(s.gw1.addr, frames).await;
+        assert!(answers.iter().all(|v| v["type"] == "error"), "{what}: {answers:?}");
+        assert!(matches!(code, Some(1007 | 1000)), "{what}: closed with {code:?}");
+    }
+
+    alice.send_msg("r", "after", "fine").await;
+    let got = bob.messages("r", 1).await;
+    assert_eq!(got[0]["id"], "after");
+    bob.send(json!({"type":"ping"})).await;
+    bob.expect("pong").await;
+    m.send(json!({"type":"ping"})).await;
+    m.expect("pong").await;
+}
+
+/// RFC 6455 §8.1: invalid UTF-8 in a text frame should close 1007
+/// ("invalid frame payload data"), or at least get an error frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: the gateway closes 1000 (normal), with no error frame, on invalid UTF-8 (see report)"]
+async fn invalid_utf8_text_closes_1007() {
+    let s = Stack::start().await;
+    for (what, frames) in invalid_utf8_cases() {
+        let (answers, code) = answer_to(s.gw1.addr, frames).await;
+        assert!(code == Some(1007) || !answers.is_empty(), "{what}: no error frame, closed with {code:?}");
+    }
+}
