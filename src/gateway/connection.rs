@@ -73,7 +73,9 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>, i
     let session = uuid::Uuid::new_v4().simple().to_string();
     let (events_tx, events_rx) = mpsc::channel(16);
     let max_bytes = state.settings.outbound_bytes;
-    let conn = ConnHandle::new(state.next_conn_id(), session, identity.user.clone(), tx, events_tx, max_bytes);
+    let metrics = state.metrics.clone();
+    let conn = ConnHandle::new(state.next_conn_id(), session, identity.user.clone(), tx, events_tx, max_bytes, metrics);
+    state.metrics.connections.inc();
     let timing =
         WriterTiming { heartbeat: state.settings.heartbeat, drain_spread: state.settings.drain_window.mul_f32(0.6) };
     let writer = tokio::spawn(write_loop(sink, rx, conn.clone(), state.shutdown.clone(), timing));
@@ -101,6 +103,7 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>, i
         events: events_rx,
         limits: state.limits.connection(),
         last_heard: Instant::now(),
+        linger: false,
     };
     session.run(&mut stream).await;
     session.finish().await;
@@ -122,6 +125,11 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>, i
     if !writer.is_finished() {
         writer.abort();
     }
+    if session.linger {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    state.metrics.connections.dec();
+    state.metrics.closed(conn.close_code());
 }
 
 type Reader = futures::stream::SplitStream<WebSocket>;
@@ -258,6 +266,8 @@ fn reason_of(code: u16) -> &'static str {
         close::RESTARTING => "gateway restarting",
         close::ABUSE => "too many frames",
         close::IDLE => "idle timeout",
+        close::TOO_BIG => "frame too large",
+        close::INVALID_DATA => "invalid UTF-8",
         _ => "",
     }
 }
@@ -276,6 +286,9 @@ struct Session<'a> {
     limits: super::limits::ConnLimits,
     /// When the client last sent anything (a frame or a pong).
     last_heard: Instant,
+    /// The read side failed with input left unread: wait a little before
+    /// dropping the socket, so that the close frame reaches the client.
+    linger: bool,
 }
 
 impl Session<'_> {
@@ -318,11 +331,22 @@ impl Session<'_> {
                 Some(Ok(Message::Close(_))) | None => return,
                 Some(Err(e)) => {
                     tracing::debug!(conn = self.conn.id, error = %e, "socket read failed");
-                    // An oversized frame ends the read side: tell the client if we still can.
+                    // An oversized or invalid frame ends the read side: tell the
+                    // client if we still can, and linger so that the close frame
+                    // is read before the socket (with unread input) is reset.
                     let inner = e.into_inner();
-                    if let Some(tungstenite::Error::Capacity(_)) = inner.downcast_ref::<tungstenite::Error>() {
-                        self.error(Code::TooLarge, "frame", "frame too large").await;
-                        self.conn.close_after_queue(close::TOO_BIG, "frame too large").await;
+                    match inner.downcast_ref::<tungstenite::Error>() {
+                        Some(tungstenite::Error::Capacity(_)) => {
+                            self.error(Code::TooLarge, "frame", "frame too large").await;
+                            self.conn.close_after_queue(close::TOO_BIG, "frame too large").await;
+                            self.linger = true;
+                        }
+                        Some(tungstenite::Error::Utf8(_)) => {
+                            self.error(Code::BadRequest, "frame", "text frame is not valid UTF-8").await;
+                            self.conn.close_after_queue(close::INVALID_DATA, "invalid UTF-8").await;
+                            self.linger = true;
+                        }
+                        _ => {}
                     }
                     return;
                 }
@@ -416,6 +440,7 @@ impl Session<'_> {
     /// A refused send is always answered (the client must resend that id);
     /// other refused frames at most once a second, so a flood is not echoed.
     async fn refuse(&mut self, reference: &str, e: ApiError, is_send: bool) -> bool {
+        self.state.metrics.dropped("rate_limited");
         if self.limits.strike() {
             // Abusive: close at once, ahead of whatever is still queued.
             self.conn.close_now(close::ABUSE);
@@ -430,8 +455,12 @@ impl Session<'_> {
     /// Handles one frame; `false` ends the connection.
     async fn handle_text(&mut self, text: &str) -> bool {
         let frame = match protocol::decode(text) {
-            Ok(f) => f,
+            Ok(f) => {
+                self.state.metrics.frame_in(protocol::type_name(&f));
+                f
+            }
             Err(u) => {
+                self.state.metrics.frame_in("invalid");
                 self.error(u.code, &u.reference, &u.message).await;
                 return true;
             }
@@ -560,6 +589,7 @@ impl Session<'_> {
         let id = ClientMsgId::parse(id)?;
         let room = self.member_room(room).await?;
         let attachment = check_attachment(kind, attachment)?;
+        let started = std::time::Instant::now();
         let (ts, fut) = messages::publish(
             &self.state.js,
             NewMessage { room: &room, from: &self.conn.user, id: &id, body, kind, attachment },
@@ -569,9 +599,13 @@ impl Session<'_> {
         // The publish is issued in order; its ack is awaited off the read path.
         let conn = self.conn.clone();
         let stream = self.state.stream.clone();
+        let metrics = self.state.metrics.clone();
         tokio::spawn(async move {
             let frame = match messages::confirm(&stream, ts, fut).await {
-                Ok(p) => ServerFrame::Ack { id: id.as_str(), room: room.as_str(), seq: p.seq, ts: p.ts }.encode(),
+                Ok(p) => {
+                    metrics.publish_latency.observe(started.elapsed().as_secs_f64());
+                    ServerFrame::Ack { id: id.as_str(), room: room.as_str(), seq: p.seq, ts: p.ts }.encode()
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "send not stored");
                     ServerFrame::Error {

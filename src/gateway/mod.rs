@@ -9,6 +9,7 @@ pub mod http;
 pub mod hub;
 pub mod limits;
 pub mod membership;
+pub mod metrics;
 pub mod outbound;
 pub mod presence;
 pub mod protocol;
@@ -49,6 +50,7 @@ pub struct AppState {
     pub presence: Arc<presence::Presence>,
     pub users: Arc<users::Users>,
     pub limits: Arc<limits::Limits>,
+    pub metrics: Arc<metrics::Metrics>,
     /// Every WebSocket connection's task (waited for on shutdown).
     pub connections: tokio_util::task::TaskTracker,
     /// Typing frames per (user, room).
@@ -86,7 +88,9 @@ impl Gateway {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let metrics = Arc::new(metrics::Metrics::default());
         let hub = hub::Hub::new(room::RoomDeps {
+            metrics: metrics.clone(),
             nats: nats.clone(),
             stream: stream.clone(),
             drop_live_every: settings.fault_drop_live_every,
@@ -99,12 +103,14 @@ impl Gateway {
             node.clone(),
             presence::PresenceSettings { ttl: settings.presence_ttl, grace: settings.presence_grace },
             shutdown.clone(),
+            metrics.clone(),
         );
         let per_sec = std::num::NonZeroU32::new(settings.typing_per_sec.max(1)).expect("non-zero");
         let typing_limit = Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(per_sec)));
         let limits = limits::Limits::new(&settings.limits);
         let state = AppState {
             limits,
+            metrics,
             connections: tokio_util::task::TaskTracker::new(),
             users: users::Users::new(nats.clone(), membership.clone()),
             membership,

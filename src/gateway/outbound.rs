@@ -12,7 +12,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::users::UserEvent;
+use super::{metrics::Metrics, users::UserEvent};
 use crate::ids::UserId;
 
 /// Close codes of the protocol.
@@ -20,6 +20,8 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// No frame or pong within NATTER_IDLE_TIMEOUT (half-open connections).
     pub const IDLE: u16 = 1001;
+    /// A text frame that is not UTF-8 (RFC 6455).
+    pub const INVALID_DATA: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const RESTARTING: u16 = 1012;
     pub const UNAUTHORIZED: u16 = 4001;
@@ -46,6 +48,7 @@ pub struct ConnHandle {
     /// Bytes of the frames in the queue, and their bound.
     queued_bytes: AtomicUsize,
     max_bytes: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl ConnHandle {
@@ -56,6 +59,7 @@ impl ConnHandle {
         tx: mpsc::Sender<Out>,
         events: mpsc::Sender<UserEvent>,
         max_bytes: usize,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             id,
@@ -67,6 +71,7 @@ impl ConnHandle {
             close_code: AtomicU16::new(0),
             queued_bytes: AtomicUsize::new(0),
             max_bytes,
+            metrics,
         })
     }
 
@@ -85,9 +90,10 @@ impl ConnHandle {
     /// slow client's room is kept for messages. Returns whether it was queued.
     pub fn deliver_ephemeral(&self, frame: Utf8Bytes) -> bool {
         if self.backed_up() {
+            self.metrics.dropped("backpressure");
             return false;
         }
-        self.deliver(frame)
+        self.queue(frame, "ephemeral")
     }
 
     /// Hands a user event to the connection's reader.
@@ -100,6 +106,10 @@ impl ConnHandle {
     /// Queues a frame without waiting. A full queue closes the connection
     /// as a slow consumer. Returns whether the frame was queued.
     pub fn deliver(&self, frame: Utf8Bytes) -> bool {
+        self.queue(frame, "message")
+    }
+
+    fn queue(&self, frame: Utf8Bytes, kind: &'static str) -> bool {
         let len = frame.len();
         if self.queued_bytes.fetch_add(len, Ordering::AcqRel) + len > self.max_bytes {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
@@ -107,7 +117,10 @@ impl ConnHandle {
             return false;
         }
         match self.tx.try_send(Out::Frame(frame)) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.metrics.frame_out(kind);
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
                 self.close_now(close::SLOW_CONSUMER);
@@ -127,6 +140,8 @@ impl ConnHandle {
         self.queued_bytes.fetch_add(len, Ordering::AcqRel);
         if self.tx.send(Out::Frame(frame)).await.is_err() {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        } else {
+            self.metrics.frame_out("reply");
         }
     }
 
@@ -160,7 +175,8 @@ mod tests {
     fn conn(frames: usize, bytes: usize) -> (Arc<ConnHandle>, mpsc::Receiver<Out>) {
         let (tx, rx) = mpsc::channel(frames);
         let (events, _) = mpsc::channel(1);
-        (ConnHandle::new(1, "s".into(), UserId::parse("u").unwrap(), tx, events, bytes), rx)
+        let metrics = Arc::new(Metrics::default());
+        (ConnHandle::new(1, "s".into(), UserId::parse("u").unwrap(), tx, events, bytes, metrics), rx)
     }
 
     #[test]

@@ -136,6 +136,7 @@ impl Presence {
         node: NodeId,
         settings: PresenceSettings,
         stop: CancellationToken,
+        metrics: Arc<super::metrics::Metrics>,
     ) -> Arc<Self> {
         let (writes, rx) = mpsc::unbounded_channel();
         let p = Arc::new(Self {
@@ -145,7 +146,7 @@ impl Presence {
             writes,
             state: Mutex::new(State { local: HashMap::new(), watched: HashMap::new() }),
         });
-        tokio::spawn(write_loop(js, node, rx));
+        tokio::spawn(write_loop(js, node, rx, metrics));
         tokio::spawn(heartbeat(Arc::downgrade(&p), stop));
         p
     }
@@ -372,14 +373,22 @@ impl Presence {
 }
 
 /// Writes entries in the order they were decided; acks are awaited together.
-async fn write_loop(js: jetstream::Context, node: NodeId, mut rx: mpsc::UnboundedReceiver<Write>) {
+async fn write_loop(
+    js: jetstream::Context,
+    node: NodeId,
+    mut rx: mpsc::UnboundedReceiver<Write>,
+    metrics: Arc<super::metrics::Metrics>,
+) {
     let mut acks = FuturesUnordered::new();
     loop {
         tokio::select! {
             w = rx.recv() => {
                 let Some(w) = w else { break };
                 match presence::send(&js, &w.user, &node, &w.entry, w.ttl).await {
-                    Ok(fut) => acks.push(fut.into_future()),
+                    Ok(fut) => {
+                        metrics.presence_updates.inc();
+                        acks.push(fut.into_future())
+                    }
                     Err(e) => tracing::warn!(user = %w.user, error = %e, "presence write failed"),
                 }
                 if let Some(done) = w.done {

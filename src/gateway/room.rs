@@ -47,6 +47,7 @@ pub enum RoomCmd {
 /// What a room task needs from the gateway.
 #[derive(Clone)]
 pub struct RoomDeps {
+    pub metrics: Arc<super::metrics::Metrics>,
     pub nats: Client,
     pub stream: Stream,
     /// Test hook: drop every Nth live delivery (0 = off).
@@ -200,6 +201,7 @@ impl Room {
         match directget::range(&self.deps.nats, &self.subject, after, before).await {
             Ok(missing) => {
                 tracing::debug!(room = %self.id, after, before, n = missing.len(), "gap repaired");
+                self.deps.metrics.gap_repairs.inc_by(missing.len() as u64);
                 for m in missing {
                     self.deliver(m.seq, &m.payload);
                 }
@@ -228,6 +230,10 @@ impl Room {
             tracing::warn!(room = %self.id, seq, "stored message is not UTF-8; skipped");
             return;
         };
+        if let Some(ts) = super::metrics::stamped_ms(payload) {
+            let ms = (envelope::now_ms() - ts).max(0) as f64;
+            self.deps.metrics.delivery_latency.observe(ms / 1000.0);
+        }
         for m in self.members.values_mut() {
             match &mut m.buffer {
                 Some(buf) if buf.len() < MAX_BUFFERED => buf.push((seq, frame.clone())),
