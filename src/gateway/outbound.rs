@@ -82,7 +82,8 @@ impl ConnHandle {
 
     /// Whether the queue is more than half full, by frames or by bytes.
     fn backed_up(&self) -> bool {
-        self.tx.capacity() < self.tx.max_capacity() / 2 || self.queued_bytes.load(Ordering::Acquire) > self.max_bytes / 2
+        self.tx.capacity() < self.tx.max_capacity() / 2
+            || self.queued_bytes.load(Ordering::Acquire) > self.max_bytes / 2
     }
 
     /// Queues a frame that may be lost (typing, presence, read markers of
