@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 mod client;
+mod cluster;
 mod db;
 mod gateway;
 mod nats;
@@ -11,6 +12,8 @@ mod proxy;
 
 #[allow(unused_imports)]
 pub use client::*;
+#[allow(unused_imports)]
+pub use cluster::*;
 pub use db::TestDb;
 #[allow(unused_imports)]
 pub use gateway::*;
