@@ -10,18 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::free_port;
-
-/// The same lookup as `nats.rs` (private there): NATTER_TEST_NATS_SERVER, else
-/// the pinned binary from scripts/setup.
-fn nats_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("NATTER_TEST_NATS_SERVER") {
-        return PathBuf::from(p);
-    }
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/nats-server");
-    assert!(local.exists(), "nats-server not found: run scripts/setup (or set NATTER_TEST_NATS_SERVER)");
-    local
-}
+use super::{free_port, nats::nats_bin};
 
 /// The whole cluster must be up (every node listening and reporting a
 /// JetStream meta leader) within this.

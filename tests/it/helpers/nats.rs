@@ -12,7 +12,8 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn nats_bin() -> PathBuf {
+/// NATTER_TEST_NATS_SERVER, else the pinned binary from scripts/setup.
+pub(crate) fn nats_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NATTER_TEST_NATS_SERVER") {
         return PathBuf::from(p);
     }
