@@ -607,10 +607,9 @@ async fn a_client_that_never_reads_is_closed_4008_and_costs_neither_memory_nor_o
 
 /// A sender that is in the room it sends to gets two frames per send, the
 /// message (from the room) and the ack, in separate writes. With Nagle on the
-/// gateway's sockets, the second waits for the client's delayed ACK (~40 ms).
+/// gateway's sockets, the second would wait for the client's delayed ACK
+/// (~40 ms); the gateway sets TCP_NODELAY.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: the gateway does not set TCP_NODELAY on accepted sockets (src/gateway/mod.rs, axum::serve): \
-            a sender joined to its room gets each ack ~40 ms late"]
 async fn a_sender_in_its_own_room_gets_acks_without_a_delayed_ack_stall() {
     let nats = NatsServer::start();
     let db = TestDb::new().await;
