@@ -379,15 +379,22 @@ struct DeviceBody {
 /// Device tokens end up in provider URLs (`/3/device/<token>`): only URL-safe
 /// token characters are accepted.
 fn check_device_token(token: &str) -> Result<(), ApiError> {
-    let ok = (1..=4096).contains(&token.len())
-        && token.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'));
-    if ok { Ok(()) } else { Err(ApiError::bad_request("token: 1 to 4096 of [A-Za-z0-9_:-]")) }
+    check_chars("token", token, 4096, b"_-:")
 }
 
 fn check_topic(topic: &str) -> Result<(), ApiError> {
-    let ok = (1..=255).contains(&topic.len())
-        && topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-    if ok { Ok(()) } else { Err(ApiError::bad_request("topic: 1 to 255 of [A-Za-z0-9_.-]")) }
+    check_chars("topic", topic, 255, b"_-.")
+}
+
+/// 1 to `max` bytes of ASCII letters, digits and `extra`.
+fn check_chars(what: &str, value: &str, max: usize, extra: &[u8]) -> Result<(), ApiError> {
+    let ok = (1..=max).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_alphanumeric() || extra.contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        let extra = String::from_utf8_lossy(extra);
+        Err(ApiError::bad_request(format!("{what}: 1 to {max} of [A-Za-z0-9{extra}]")))
+    }
 }
 
 /// `POST /v1/devices`: registers the caller's device for pushes.
@@ -429,9 +436,7 @@ async fn unregister_device(
 async fn readyz(State(state): State<AppState>) -> Response {
     let accepting = state.accepting.load(Ordering::Acquire);
     let nats = state.nats.connection_state() == async_nats::connection::State::Connected;
-    let db = tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&state.db))
-        .await
-        .is_ok_and(|r| r.is_ok());
+    let db = db::ping(&state.db).await;
     let body = json!({"accepting": accepting, "nats": nats, "database": db});
     let status = if accepting && nats && db { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()

@@ -61,10 +61,18 @@ pub(super) async fn handle(shared: Arc<Shared>, msgs: Vec<jetstream::Message>) -
         }
         Err(e) => {
             // Not an outage: one message may be at fault. Each is tried on its
-            // own, so only the culprit is retried and, in the end, dead-lettered.
-            tracing::warn!(error = %e, messages = jobs.len(), "notifier batch failed; trying its messages one by one");
+            // own (a lone message is not tried again now), so only the culprit
+            // is retried and, in the end, dead-lettered.
+            if jobs.len() > 1 {
+                tracing::warn!(error = %e, messages = jobs.len(), "notifier batch failed; trying its messages one by one");
+            }
+            let mut lone_error = (jobs.len() == 1).then_some(e);
             for job in jobs.chunks(1) {
-                match process(&shared, job).await {
+                let result = match lone_error.take() {
+                    Some(e) => Err(e),
+                    None => process(&shared, job).await,
+                };
+                match result {
                     Ok(retry) => settle(&shared, job, &retry).await,
                     Err(e) if job[0].d.delivered >= shared.settings.max_deliver => {
                         job[0].d.give_up(&shared, NOTIFIER_CONSUMER, &format!("{e:#}")).await

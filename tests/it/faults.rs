@@ -59,6 +59,32 @@ fn seq_of(v: &Value) -> Option<u64> {
     (v["type"] == "message" && v["room"] == ROOM).then(|| v["seq"].as_u64().expect("message seq"))
 }
 
+/// `n` members of ROOM (created on `survivor`), each following the room on
+/// `first` and then on `survivor`, all joined. Send the last acked seq on the
+/// returned sender to let them finish.
+async fn followers(
+    n: usize,
+    first: SocketAddr,
+    survivor: &crate::helpers::TestGateway,
+) -> (watch::Sender<Option<u64>>, Vec<tokio::task::JoinHandle<Followed>>) {
+    let users: Vec<String> = (0..n).map(|i| format!("u{i}")).collect();
+    let members: Vec<&str> = users.iter().map(String::as_str).collect();
+    create_room(&survivor.http(), "sender", ROOM, &members).await;
+    let joined = Arc::new(AtomicUsize::new(0));
+    let (target_tx, target) = watch::channel(None);
+    let clients = users
+        .iter()
+        .map(|u| tokio::spawn(follow(u.clone(), first, survivor.addr, joined.clone(), target.clone())))
+        .collect();
+    assert_eventually!(
+        Duration::from_secs(30),
+        joined.load(Ordering::SeqCst) == n,
+        "{} of {n} clients joined",
+        joined.load(Ordering::SeqCst)
+    );
+    (target_tx, clients)
+}
+
 /// Joins ROOM on `first`, reads until that connection ends, then reconnects
 /// to `second`, joins with `since` = the last seq seen, and reads until it has
 /// seen the seq published on `target` (or gives up after 30 s).
@@ -150,22 +176,7 @@ async fn kill_9_of_a_gateway_with_200_clients_loses_no_acked_message_after_resum
     let db = TestDb::new().await;
     let survivor = spawn_gateway(&nats, &db, "gw-survivor", &[]).await;
     let mut doomed = GatewayProcess::start(&nats.url(), &db, "gw-doomed", &process_args(&[]));
-    let users: Vec<String> = (0..CLIENTS).map(|i| format!("u{i}")).collect();
-    let members: Vec<&str> = users.iter().map(String::as_str).collect();
-    create_room(&survivor.http(), "sender", ROOM, &members).await;
-
-    let joined = Arc::new(AtomicUsize::new(0));
-    let (target_tx, target) = watch::channel(None);
-    let clients: Vec<_> = users
-        .iter()
-        .map(|u| tokio::spawn(follow(u.clone(), doomed.addr, survivor.addr, joined.clone(), target.clone())))
-        .collect();
-    assert_eventually!(
-        Duration::from_secs(30),
-        joined.load(Ordering::SeqCst) == CLIENTS,
-        "{} of {CLIENTS} clients joined",
-        joined.load(Ordering::SeqCst)
-    );
+    let (target_tx, clients) = followers(CLIENTS, doomed.addr, &survivor).await;
 
     let mut sender = Client::connect(survivor.addr, "sender").await;
     let mut acked = Vec::with_capacity(SENDS);
@@ -207,17 +218,7 @@ async fn sigterm_closes_clients_1012_spread_over_the_drain_window_and_exits_0_lo
     let draining = GatewayProcess::start(&nats.url(), &db, "gw-draining", &process_args(&["--drain-window", "4s"]));
     let addr = draining.addr;
     let mut draining = Some(draining);
-    let users: Vec<String> = (0..CLIENTS).map(|i| format!("u{i}")).collect();
-    let members: Vec<&str> = users.iter().map(String::as_str).collect();
-    create_room(&survivor.http(), "sender", ROOM, &members).await;
-
-    let joined = Arc::new(AtomicUsize::new(0));
-    let (target_tx, target) = watch::channel(None);
-    let clients: Vec<_> = users
-        .iter()
-        .map(|u| tokio::spawn(follow(u.clone(), addr, survivor.addr, joined.clone(), target.clone())))
-        .collect();
-    assert_eventually!(Duration::from_secs(20), joined.load(Ordering::SeqCst) == CLIENTS, "clients joined");
+    let (target_tx, clients) = followers(CLIENTS, addr, &survivor).await;
 
     let mut sender = Client::connect(survivor.addr, "sender").await;
     let mut acked = Vec::with_capacity(SENDS);

@@ -46,15 +46,7 @@ async fn sends_over_the_limit_are_refused_with_a_wait_and_nothing_refused_is_sto
         assert!((1..=1000).contains(&wait), "{r}");
     }
     // What was refused was not stored; resent later with the same id, it is.
-    let h: Value = http()
-        .get(format!("{}/v1/rooms/general/messages?limit=100", s.gw1.http()))
-        .bearer_auth(token("alice"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = get_json(format!("{}/v1/rooms/general/messages?limit=100", s.gw1.http()), "alice").await;
     let stored: HashSet<String> =
         h["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(stored, acked, "stored = acked, nothing else");

@@ -111,15 +111,7 @@ async fn a_retried_client_id_returns_the_same_seq_and_stores_once() {
     assert_eq!(seqs_in_order(&got), vec![first, bobs]);
     bob.expect_silence(std::time::Duration::from_millis(300)).await;
 
-    let hist: serde_json::Value = http()
-        .get(format!("{}/v1/rooms/r/messages", s.gw1.http()))
-        .bearer_auth(token("alice"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let hist: serde_json::Value = get_json(format!("{}/v1/rooms/r/messages", s.gw1.http()), "alice").await;
     let msgs = hist["messages"].as_array().unwrap();
     assert_eq!(msgs.len(), 2, "{hist}");
 }

@@ -34,12 +34,6 @@ async fn post_msg(base: &str, user: &str, room: &str, id: &str, body: &str) -> u
     r.json::<Value>().await.unwrap()["seq"].as_u64().unwrap()
 }
 
-async fn get_json(url: String, user: &str) -> Value {
-    let r = http().get(url).bearer_auth(token(user)).send().await.unwrap();
-    assert!(r.status().is_success(), "GET: {}", r.status());
-    r.json().await.unwrap()
-}
-
 async fn unread_total(base: &str, user: &str) -> i64 {
     get_json(format!("{base}/v1/unread"), user).await["total"].as_i64().unwrap()
 }

@@ -53,15 +53,7 @@ async fn online_away_and_offline_after_the_grace_reach_another_gateway() {
     assert!(p["last_seen"].as_i64().unwrap() >= before_close, "{p}");
 
     // The HTTP view agrees.
-    let v: Value = http()
-        .get(format!("{}/v1/presence?users=alice,nobody", s.gw2.http()))
-        .bearer_auth(token("bob"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(format!("{}/v1/presence?users=alice,nobody", s.gw2.http()), "bob").await;
     assert_eq!(v["presence"][0]["status"], "offline", "{v}");
     assert_eq!(v["presence"][1], json!({"user":"nobody","status":"offline","last_seen":0}));
 }

@@ -167,6 +167,13 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap()
 }
 
+/// GET `url` as `user`; panics unless 2xx; the JSON body.
+pub async fn get_json(url: String, user: &str) -> Value {
+    let r = http().get(url).bearer_auth(token(user)).send().await.unwrap();
+    assert!(r.status().is_success(), "GET: {}", r.status());
+    r.json().await.unwrap()
+}
+
 /// POST /v1/rooms as `owner`; panics unless 201.
 pub async fn create_room(base: &str, owner: &str, id: &str, members: &[&str]) {
     let r = http()
