@@ -102,6 +102,7 @@ pub fn unix_now() -> u64 {
 }
 
 /// Mints tokens (the `token` subcommand, tests and the load generator).
+#[derive(Clone)]
 pub struct Signer {
     key: EncodingKey,
     header: Header,

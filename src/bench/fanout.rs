@@ -1,0 +1,354 @@
+//! `bench fanout`: R rooms × M members, the members of each room spread over
+//! the gateways, one sender per room (a member that does not join), all
+//! senders together at a fixed total rate, open loop. Every delivery is
+//! checked (lost, duplicated, out of order) and timed from the send to the
+//! receive on one monotonic clock (the sent instant travels in the body).
+//!
+//! `--saturate` runs steps of rising rate, each drained before the next, and
+//! reports the highest step with p99 within the bound and nothing lost.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::Args;
+use futures::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{Ws, connect, create_rooms, extend, join, percentiles, procstat::Servers, round, run_id};
+use crate::auth::Signer;
+
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    /// Rooms.
+    #[arg(long, default_value_t = 100)]
+    pub rooms: usize,
+    /// Receiving members per room (the sender is one more).
+    #[arg(long, default_value_t = 10)]
+    pub members: usize,
+    /// Total messages per second over all rooms (the first step with `--saturate`).
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Measured time (per step with `--saturate`).
+    #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured time at the first rate before measuring.
+    #[arg(long, default_value = "2s", value_parser = crate::config::parse_duration)]
+    pub warmup: Duration,
+    /// Step the rate up until p99 exceeds `--p99-limit` or anything is lost.
+    #[arg(long)]
+    pub saturate: bool,
+    /// Rate factor from one step to the next.
+    #[arg(long, default_value_t = 1.3)]
+    pub factor: f64,
+    /// Most steps with `--saturate`.
+    #[arg(long, default_value_t = 15)]
+    pub max_steps: usize,
+    /// The p99 bound of a sustained step.
+    #[arg(long, default_value = "50ms", value_parser = crate::config::parse_duration)]
+    pub p99_limit: Duration,
+    /// Body bytes per message (the timestamp plus padding).
+    #[arg(long, default_value_t = 64)]
+    pub body_bytes: usize,
+    /// Connections opened at once while setting up.
+    #[arg(long, default_value_t = 64)]
+    pub connect_concurrency: usize,
+}
+
+/// One receiver's findings, drained by the driver after each step.
+#[derive(Default)]
+struct Recorder {
+    /// (step, latency in µs) per delivery.
+    samples: Mutex<Vec<(u16, u32)>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    duplicates: AtomicU64,
+    out_of_order: AtomicU64,
+    acked: AtomicU64,
+    send_errors: AtomicU64,
+    closed: AtomicU64,
+}
+
+struct Step {
+    rate: f64,
+    sent: u64,
+    expected: u64,
+    delivered: u64,
+    seconds: f64,
+    latencies: Value,
+    p99_ms: f64,
+    cpu: Value,
+    server_cpu_s: f64,
+}
+
+pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: FanoutArgs) -> anyhow::Result<Value> {
+    anyhow::ensure!(a.rooms > 0 && a.members > 0 && a.rate > 0.0, "rooms, members and rate must be positive");
+    let id = run_id();
+    let rooms: Vec<(String, Vec<String>)> = (0..a.rooms)
+        .map(|r| {
+            let mut members = vec![format!("f{id}-{r}-s")];
+            members.extend((0..a.members).map(|m| format!("f{id}-{r}-{m}")));
+            (format!("f{id}-{r}"), members)
+        })
+        .collect();
+    let t = Instant::now();
+    create_rooms(gateways, signer, &rooms, 16).await?;
+    let setup_rooms_s = t.elapsed().as_secs_f64();
+
+    // Receivers: member m of room r on gateway (r + m) % G.
+    let clock = Instant::now();
+    let counters = Arc::new(Counters::default());
+    let t = Instant::now();
+    let plan: Vec<(String, String, String)> = rooms
+        .iter()
+        .enumerate()
+        .flat_map(|(r, (room, members))| {
+            members[1..]
+                .iter()
+                .enumerate()
+                .map(move |(m, u)| (gateways[(r + m) % gateways.len()].clone(), u.clone(), room.clone()))
+        })
+        .collect();
+    let receivers: Vec<(Ws, String)> = futures::stream::iter(plan)
+        .map(|(gw, user, room)| async move {
+            let mut ws = connect(&gw, signer, &user).await?;
+            join(&mut ws, &room, None).await?;
+            anyhow::Ok((ws, room))
+        })
+        .buffer_unordered(a.connect_concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    let setup_receivers_s = t.elapsed().as_secs_f64();
+    let recorders: Vec<Arc<Recorder>> = receivers
+        .into_iter()
+        .map(|(ws, _room)| {
+            let rec = Arc::new(Recorder::default());
+            tokio::spawn(receive(ws, rec.clone(), counters.clone(), clock));
+            rec
+        })
+        .collect();
+
+    // Senders: one per room, alternating gateways.
+    let mut senders = Vec::new();
+    for (r, (room, members)) in rooms.iter().enumerate() {
+        let ws = connect(&gateways[r % gateways.len()], signer, &members[0]).await?;
+        let (tx, rx) = ws.split();
+        tokio::spawn(read_acks(rx, counters.clone()));
+        senders.push((tx, room.clone()));
+    }
+    let senders = Arc::new(tokio::sync::Mutex::new(senders));
+
+    let pad = "x".repeat(a.body_bytes.saturating_sub(24));
+    let mut steps: Vec<Step> = Vec::new();
+    let mut rate = a.rate;
+    let max_steps = if a.saturate { a.max_steps.max(1) } else { 1 };
+    // Step 0 is the warm-up, never measured.
+    for step in 0..=max_steps {
+        let duration = if step == 0 { a.warmup } else { a.duration };
+        if duration.is_zero() {
+            continue;
+        }
+        servers.reset_peaks();
+        let before = servers.snapshot();
+        let started = Instant::now();
+        let sent = send_step(&senders, step as u16, rate, duration, clock, &pad).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let expected = sent * a.members as u64;
+        let samples = drain(&recorders, step as u16, expected).await;
+        let after = servers.snapshot();
+        if step == 0 {
+            continue;
+        }
+        let delivered = samples.len() as u64;
+        let mut lat: Vec<Duration> = samples.into_iter().map(|us| Duration::from_micros(us as u64)).collect();
+        let latencies = percentiles(&mut lat);
+        let p99_ms = latencies["p99_ms"].as_f64().unwrap_or(f64::MAX);
+        let cpu = servers.report(&before, &after);
+        let server_cpu_s = cpu["server_cpu_s"].as_f64().unwrap_or(0.0);
+        eprintln!(
+            "fanout step {step}: {rate:.0} msg/s, delivered {delivered}/{expected}, p99 {p99_ms} ms, server CPU {server_cpu_s} s"
+        );
+        let ok = delivered == expected && p99_ms <= a.p99_limit.as_secs_f64() * 1000.0;
+        steps.push(Step { rate, sent, expected, delivered, seconds, latencies, p99_ms, cpu, server_cpu_s });
+        if !a.saturate || !ok {
+            break;
+        }
+        rate *= a.factor;
+    }
+
+    let c = &counters;
+    let mut out = json!({
+        "scenario": if a.saturate { "fanout-saturate" } else { "fanout" },
+        "rooms": a.rooms,
+        "members": a.members,
+        "gateways": gateways.len(),
+        "connections": a.rooms * (a.members + 1),
+        "setup_rooms_s": round(setup_rooms_s),
+        "setup_receivers_s": round(setup_receivers_s),
+        "duplicates": c.duplicates.load(Relaxed),
+        "out_of_order": c.out_of_order.load(Relaxed),
+        "send_errors": c.send_errors.load(Relaxed),
+        "closed_receivers": c.closed.load(Relaxed),
+    });
+    let limit_ms = a.p99_limit.as_secs_f64() * 1000.0;
+    let summary = |s: &Step| {
+        let mut v = json!({
+            "rate": round(s.rate),
+            "sent": s.sent,
+            "expected": s.expected,
+            "delivered": s.delivered,
+            "lost": s.expected.saturating_sub(s.delivered),
+            "deliveries_per_s": round(s.delivered as f64 / s.seconds),
+            "server_cpu_s_per_million": if s.delivered > 0 { round(s.server_cpu_s / s.delivered as f64 * 1e6) } else { 0.0 },
+            "cpu": s.cpu,
+        });
+        extend(&mut v, s.latencies.clone());
+        v
+    };
+    if a.saturate {
+        let best = steps.iter().filter(|s| s.delivered == s.expected && s.p99_ms <= limit_ms).last();
+        extend(
+            &mut out,
+            json!({
+                "p99_limit_ms": limit_ms,
+                "max_sustained_rate": best.map(|s| round(s.rate)),
+                "max_sustained_deliveries_per_s": best.map(|s| round(s.delivered as f64 / s.seconds)),
+                "steps": steps.iter().map(summary).collect::<Vec<_>>(),
+            }),
+        );
+    } else if let Some(s) = steps.first() {
+        extend(&mut out, summary(s));
+    }
+    Ok(out)
+}
+
+/// Sends for `duration` at `rate` messages/s in total, spread evenly over the
+/// senders on an absolute schedule (a late sender catches up). Answers the
+/// number of messages written.
+async fn send_step(
+    senders: &Arc<tokio::sync::Mutex<Vec<(super::WsTx, String)>>>,
+    step: u16,
+    rate: f64,
+    duration: Duration,
+    clock: Instant,
+    pad: &str,
+) -> anyhow::Result<u64> {
+    let mut guard = senders.lock().await;
+    let n = guard.len();
+    let period = Duration::from_secs_f64(n as f64 / rate);
+    let start = tokio::time::Instant::now();
+    let end = start + duration;
+    let tasks = guard.iter_mut().enumerate().map(|(i, (tx, room))| async move {
+        let mut next = start + period.mul_f64(i as f64 / n as f64);
+        let mut k = 0u64;
+        while next < end {
+            tokio::time::sleep_until(next).await;
+            let ns = clock.elapsed().as_nanos();
+            let frame = format!(r#"{{"type":"send","room":"{room}","id":"{step}-{k}","body":"{step} {ns} {pad}"}}"#);
+            tx.send(Message::text(frame)).await?;
+            k += 1;
+            next += period;
+        }
+        anyhow::Ok(k)
+    });
+    let sent: Vec<u64> = futures::future::try_join_all(tasks).await?;
+    Ok(sent.into_iter().sum())
+}
+
+/// Waits until the step's deliveries are all in (or 5 s without progress),
+/// then takes its latency samples (µs) out of every recorder.
+async fn drain(recorders: &[Arc<Recorder>], step: u16, expected: u64) -> Vec<u32> {
+    let count = || -> u64 {
+        recorders.iter().map(|r| r.samples.lock().iter().filter(|(s, _)| *s == step).count() as u64).sum()
+    };
+    let mut last = 0;
+    let mut quiet_since = Instant::now();
+    loop {
+        let n = count();
+        if n >= expected || quiet_since.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        if n != last {
+            last = n;
+            quiet_since = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut out = Vec::new();
+    for r in recorders {
+        let mut s = r.samples.lock();
+        out.extend(s.iter().filter(|(st, _)| *st == step).map(|(_, us)| *us));
+        s.retain(|(st, _)| *st > step);
+    }
+    out
+}
+
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type")]
+    ty: &'a str,
+    #[serde(default)]
+    seq: u64,
+    #[serde(default)]
+    body: &'a str,
+}
+
+/// Seqs are stream sequences: increasing within a room, not contiguous. A seq
+/// at or below the last one is a duplicate if it was seen lately, else out
+/// of order; losses show in the counts.
+async fn receive(mut ws: Ws, rec: Arc<Recorder>, counters: Arc<Counters>, clock: Instant) {
+    const RECENT: usize = 512;
+    let mut recent: std::collections::VecDeque<u64> = std::collections::VecDeque::with_capacity(RECENT);
+    let mut last_seq = 0u64;
+    while let Some(Ok(m)) = ws.next().await {
+        let Message::Text(t) = m else { continue };
+        let now = clock.elapsed().as_nanos();
+        let Ok(f) = serde_json::from_str::<Frame>(&t) else { continue };
+        if f.ty != "message" {
+            continue;
+        }
+        if f.seq <= last_seq {
+            if recent.contains(&f.seq) {
+                counters.duplicates.fetch_add(1, Relaxed);
+                continue;
+            }
+            counters.out_of_order.fetch_add(1, Relaxed);
+        }
+        last_seq = last_seq.max(f.seq);
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(f.seq);
+        let mut parts = f.body.split(' ');
+        let (Some(Ok(step)), Some(Ok(sent))) =
+            (parts.next().map(str::parse::<u16>), parts.next().map(str::parse::<u128>))
+        else {
+            continue;
+        };
+        let us = (now.saturating_sub(sent) / 1000).min(u32::MAX as u128) as u32;
+        rec.samples.lock().push((step, us));
+    }
+    counters.closed.fetch_add(1, Relaxed);
+}
+
+async fn read_acks(mut rx: futures::stream::SplitStream<Ws>, counters: Arc<Counters>) {
+    while let Some(Ok(m)) = rx.next().await {
+        let Message::Text(t) = m else { continue };
+        if t.contains(r#""type":"ack""#) {
+            counters.acked.fetch_add(1, Relaxed);
+        } else if t.contains(r#""type":"error""#) {
+            counters.send_errors.fetch_add(1, Relaxed);
+        }
+    }
+}

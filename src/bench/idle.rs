@@ -1,0 +1,119 @@
+//! `bench idle`: N authenticated connections spread over the gateways, each
+//! joined to one room (rooms of `--room-size` members, presence on as for any
+//! connection), then held without traffic. Figures: connect rate, gateway RSS
+//! growth per connection and gateway CPU per idle connection, from /proc.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use super::{Ws, connect, create_rooms, extend, join, procstat::Servers, round, run_id};
+use crate::auth::Signer;
+
+#[derive(Debug, Clone, Args)]
+pub struct IdleArgs {
+    /// Connections in all.
+    #[arg(long, default_value_t = 5000)]
+    pub connections: usize,
+    /// Members per room; every connection joins its room.
+    #[arg(long, default_value_t = 10)]
+    pub room_size: usize,
+    /// How long the connections are held idle (measured).
+    #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
+    pub hold: Duration,
+    /// Connection handshakes in flight.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+}
+
+pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: IdleArgs) -> anyhow::Result<Value> {
+    anyhow::ensure!(servers.gateways() > 0, "bench idle needs --gateway-pids to measure the gateways");
+    let id = run_id();
+    let size = a.room_size.max(1);
+    let users: Vec<String> = (0..a.connections).map(|i| format!("i{id}-{i}")).collect();
+    let rooms: Vec<(String, Vec<String>)> =
+        users.chunks(size).enumerate().map(|(r, members)| (format!("i{id}-{r}"), members.to_vec())).collect();
+    create_rooms(gateways, signer, &rooms, 16).await?;
+
+    let baseline = servers.snapshot();
+    // Authenticated connections: connect + hello + welcome.
+    let t = Instant::now();
+    // buffer_unordered answers in completion order: each result carries its index.
+    let conns: Vec<(usize, anyhow::Result<Ws>)> = futures::stream::iter(users.iter().enumerate())
+        .map(|(i, u)| async move { (i, connect(&gateways[i % gateways.len()], signer, u).await) })
+        .buffer_unordered(a.concurrency.max(1))
+        .collect()
+        .await;
+    let connect_s = t.elapsed().as_secs_f64();
+    let failed = conns.iter().filter(|(_, c)| c.is_err()).count();
+    if let Some((_, Err(e))) = conns.iter().find(|(_, c)| c.is_err()) {
+        eprintln!("bench idle: first failed connection: {e:#}");
+    }
+    let mut conns: Vec<(usize, Ws)> = conns.into_iter().filter_map(|(i, c)| c.ok().map(|ws| (i, ws))).collect();
+
+    let t = Instant::now();
+    let joined: Vec<anyhow::Result<(usize, Ws)>> = futures::stream::iter(conns.drain(..))
+        .map(|(i, mut ws)| {
+            let room = &rooms[i / size].0;
+            async move {
+                join(&mut ws, room, None).await?;
+                anyhow::Ok((i, ws))
+            }
+        })
+        .buffer_unordered(a.concurrency.max(1))
+        .collect()
+        .await;
+    let join_s = t.elapsed().as_secs_f64();
+    let join_failed = joined.iter().filter(|c| c.is_err()).count();
+    if let Some(Err(e)) = joined.iter().find(|c| c.is_err()) {
+        eprintln!("bench idle: first failed join: {e:#}");
+    }
+    // Keep reading every socket, so pings are answered, as a client would.
+    let holders: Vec<_> = joined
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|(_, mut ws)| tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} }))
+        .collect();
+    let held = holders.len();
+
+    // Let the connect burst's allocations settle, then measure the hold.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let start = servers.snapshot();
+    tokio::time::sleep(a.hold).await;
+    let end = servers.snapshot();
+    let still_open = holders.iter().filter(|h| !h.is_finished()).count();
+    for h in &holders {
+        h.abort();
+    }
+
+    let rss_growth = servers.gateway_rss_kib(&end).saturating_sub(servers.gateway_rss_kib(&baseline));
+    let (idle_gw_cpu, idle_other_cpu) = servers.cpu_between(&start, &end);
+    let (connect_gw_cpu, _) = servers.cpu_between(&baseline, &start);
+    let hold_s = a.hold.as_secs_f64();
+    let ok = a.connections - failed;
+    let mut out = json!({
+        "scenario": "idle",
+        "connections": a.connections,
+        "gateways": gateways.len(),
+        "connected": ok,
+        "failed_handshakes": failed,
+        "join_failed": join_failed,
+        "held": held,
+        "still_open_after_hold": still_open,
+        "connect_s": round(connect_s),
+        "connects_per_s": round(ok as f64 / connect_s),
+        "connects_per_s_per_gateway": round(ok as f64 / connect_s / gateways.len() as f64),
+        "join_s": round(join_s),
+        "gateway_cpu_s_connect_and_join": round(connect_gw_cpu),
+        "gateway_rss_growth_mib": round(rss_growth as f64 / 1024.0),
+        "gateway_rss_kib_per_conn": round(rss_growth as f64 / held.max(1) as f64),
+        "hold_s": hold_s,
+        "gateway_idle_cpu_s": round(idle_gw_cpu),
+        "other_servers_idle_cpu_s": round(idle_other_cpu),
+        "gateway_idle_cpu_us_per_conn_per_s": round(idle_gw_cpu * 1e6 / hold_s / held.max(1) as f64),
+    });
+    extend(&mut out, json!({"hold": servers.report(&start, &end)}));
+    Ok(out)
+}

@@ -1,0 +1,140 @@
+//! CPU seconds and memory of the server processes under test, read from
+//! /proc: `utime + stime` from /proc/PID/stat, VmRSS and VmHWM from
+//! /proc/PID/status (the peak is reset through /proc/PID/clear_refs).
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+/// Kernel clock ticks per second for /proc/PID/stat times (USER_HZ is 100 on
+/// every Linux the project runs on).
+const TICKS_PER_SEC: f64 = 100.0;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    pub cpu_s: f64,
+    pub rss_kib: u64,
+    pub peak_kib: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub pid: u32,
+    pub gateway: bool,
+}
+
+/// The processes a scenario measures; empty when no pids were given.
+#[derive(Debug, Clone, Default)]
+pub struct Servers {
+    procs: Vec<Proc>,
+}
+
+/// One reading of every process, in the order of `Servers`.
+#[derive(Debug, Clone)]
+pub struct Snapshot(Vec<Sample>);
+
+impl Servers {
+    pub fn new(gateways: &[u32], others: &[u32]) -> anyhow::Result<Self> {
+        let procs: Vec<Proc> = gateways
+            .iter()
+            .map(|&pid| Proc { pid, gateway: true })
+            .chain(others.iter().map(|&pid| Proc { pid, gateway: false }))
+            .collect();
+        for p in &procs {
+            read(p.pid).with_context(|| format!("cannot read /proc/{} (is the pid right?)", p.pid))?;
+        }
+        Ok(Self { procs })
+    }
+
+    pub fn gateways(&self) -> usize {
+        self.procs.iter().filter(|p| p.gateway).count()
+    }
+
+    /// Resets every process's peak RSS to its current RSS.
+    pub fn reset_peaks(&self) {
+        for p in &self.procs {
+            let _ = std::fs::write(format!("/proc/{}/clear_refs", p.pid), "5");
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot(self.procs.iter().map(|p| read(p.pid).unwrap_or_default()).collect())
+    }
+
+    /// CPU seconds used between two snapshots: (gateways, others).
+    pub fn cpu_between(&self, a: &Snapshot, b: &Snapshot) -> (f64, f64) {
+        let mut out = (0.0, 0.0);
+        for (p, (x, y)) in self.procs.iter().zip(a.0.iter().zip(&b.0)) {
+            let d = y.cpu_s - x.cpu_s;
+            if p.gateway { out.0 += d } else { out.1 += d }
+        }
+        out
+    }
+
+    /// Summed RSS of the gateways, KiB.
+    pub fn gateway_rss_kib(&self, s: &Snapshot) -> u64 {
+        self.procs.iter().zip(&s.0).filter(|(p, _)| p.gateway).map(|(_, s)| s.rss_kib).sum()
+    }
+
+    /// Per-process figures between two snapshots, for the JSON line.
+    pub fn report(&self, a: &Snapshot, b: &Snapshot) -> Value {
+        let procs: Vec<Value> = self
+            .procs
+            .iter()
+            .zip(a.0.iter().zip(&b.0))
+            .map(|(p, (x, y))| {
+                json!({
+                    "pid": p.pid,
+                    "role": if p.gateway { "gateway" } else { "server" },
+                    "cpu_s": super::round(y.cpu_s - x.cpu_s),
+                    "rss_mib": mib(y.rss_kib),
+                    "peak_rss_mib": mib(y.peak_kib),
+                })
+            })
+            .collect();
+        let (gw, other) = self.cpu_between(a, b);
+        json!({"server_cpu_s": super::round(gw + other), "gateway_cpu_s": super::round(gw), "processes": procs})
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    super::round(kib as f64 / 1024.0)
+}
+
+fn read(pid: u32) -> anyhow::Result<Sample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in ")".
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    let ticks: u64 =
+        fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(Sample { cpu_s: ticks as f64 / TICKS_PER_SEC, rss_kib: kib("VmRSS:"), peak_kib: kib("VmHWM:") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        // Burn a little CPU so the counter moves from zero on a fresh process.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let s = read(std::process::id()).expect("own /proc entry");
+        assert!(s.rss_kib > 0, "RSS read: {s:?}");
+        assert!(s.peak_kib >= s.rss_kib, "peak below current: {s:?}");
+        assert!(s.cpu_s >= 0.0);
+    }
+}
