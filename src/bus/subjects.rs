@@ -46,6 +46,15 @@ pub fn user_event(user: &UserId) -> String {
     format!("chat.user.{user}.event")
 }
 
+/// Every user's events: one subscription per gateway.
+pub const ALL_USER_EVENTS: &str = "chat.user.*.event";
+
+/// The user of a user-event subject (`chat.user.<u>.event`), checked.
+pub fn user_of_event(subject: &str) -> Option<UserId> {
+    let user = subject.strip_prefix("chat.user.")?.strip_suffix(".event")?;
+    UserId::parse(user).ok()
+}
+
 /// The batch direct-get API of a stream.
 pub fn direct_get(stream: &str) -> String {
     format!("$JS.API.DIRECT.GET.{stream}")

@@ -37,7 +37,7 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>, i
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel(state.settings.outbound_queue);
 
-    let identity = match handshake(&state, &mut stream, bearer).await {
+    let identity = match Box::pin(handshake(&state, &mut stream, bearer)).await {
         Ok(id) => id,
         Err(reason) => {
             let mut sink = sink;
@@ -71,10 +71,9 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>, i
     };
 
     let session = uuid::Uuid::new_v4().simple().to_string();
-    let (events_tx, events_rx) = mpsc::channel(16);
     let max_bytes = state.settings.outbound_bytes;
     let metrics = state.metrics.clone();
-    let conn = ConnHandle::new(state.next_conn_id(), session, identity.user.clone(), tx, events_tx, max_bytes, metrics);
+    let conn = ConnHandle::new(state.next_conn_id(), session, identity.user.clone(), tx, max_bytes, metrics);
     state.metrics.connections.inc();
     let timing =
         WriterTiming { heartbeat: state.settings.heartbeat, drain_spread: state.settings.drain_window.mul_f32(0.6) };
@@ -100,13 +99,12 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>, i
         rooms: HashSet::new(),
         typing_in: HashSet::new(),
         watching: HashSet::new(),
-        events: events_rx,
         limits: state.limits.connection(),
         last_heard: Instant::now(),
         linger: false,
     };
     session.run(&mut stream).await;
-    session.finish().await;
+    Box::pin(session.finish()).await;
     // Let the writer flush what is queued (an error frame, a close code),
     // but never wait long on a client that does not read. Meanwhile keep
     // reading (and dropping) what the client still sends until its close: a
@@ -282,7 +280,6 @@ struct Session<'a> {
     typing_in: HashSet<RoomId>,
     /// Users whose presence this connection watches.
     watching: HashSet<UserId>,
-    events: mpsc::Receiver<UserEvent>,
     limits: super::limits::ConnLimits,
     /// When the client last sent anything (a frame or a pong).
     last_heard: Instant,
@@ -299,8 +296,8 @@ impl Session<'_> {
             let frame = tokio::select! {
                 biased;
                 _ = self.conn.killed().cancelled() => return,
-                Some(ev) = self.events.recv() => {
-                    if !self.user_event(ev).await {
+                ev = self.conn.next_event() => {
+                    if !Box::pin(self.user_event(ev)).await {
                         return;
                     }
                     continue;
@@ -320,7 +317,11 @@ impl Session<'_> {
             self.last_heard = Instant::now();
             match frame {
                 Some(Ok(Message::Text(text))) => {
-                    if !self.handle_text(&text).await {
+                    // Boxed: a frame's handling (database, NATS) is a large
+                    // future; inline, every idle connection would carry its
+                    // size (heaptrack: the task was most of an idle
+                    // connection's memory).
+                    if !Box::pin(self.handle_text(&text)).await {
                         return;
                     }
                 }

@@ -108,11 +108,12 @@ impl Gateway {
         let per_sec = std::num::NonZeroU32::new(settings.typing_per_sec.max(1)).expect("non-zero");
         let typing_limit = Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(per_sec)));
         let limits = limits::Limits::new(&settings.limits);
+        let users = users::Users::start(&nats, membership.clone()).await.context("cannot subscribe to user events")?;
         let state = AppState {
             limits,
             metrics,
             connections: tokio_util::task::TaskTracker::new(),
-            users: users::Users::new(nats.clone(), membership.clone()),
+            users,
             membership,
             presence,
             typing_limit,

@@ -9,7 +9,9 @@ use std::sync::{
 };
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
+use std::collections::VecDeque;
+
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{metrics::Metrics, users::UserEvent};
@@ -29,6 +31,9 @@ pub mod close {
     pub const ABUSE: u16 = 4029;
 }
 
+/// User events held for a connection that has not read them yet.
+const MAX_PENDING_EVENTS: usize = 16;
+
 pub enum Out {
     Frame(Utf8Bytes),
     /// Close after the frames queued before it.
@@ -41,8 +46,11 @@ pub struct ConnHandle {
     pub session: String,
     pub user: UserId,
     tx: mpsc::Sender<Out>,
-    /// User events for the connection's reader (rare; bounded).
-    events: mpsc::Sender<UserEvent>,
+    /// User events for the connection's reader (rare; bounded). A queue and
+    /// a Notify rather than a channel: a tokio channel allocates a block of
+    /// 32 slots up front, ~1.8 KiB per connection for something rarely used.
+    events: parking_lot::Mutex<VecDeque<UserEvent>>,
+    events_ready: Notify,
     kill: CancellationToken,
     close_code: AtomicU16,
     /// Bytes of the frames in the queue, and their bound.
@@ -57,7 +65,6 @@ impl ConnHandle {
         session: String,
         user: UserId,
         tx: mpsc::Sender<Out>,
-        events: mpsc::Sender<UserEvent>,
         max_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
@@ -66,7 +73,8 @@ impl ConnHandle {
             session,
             user,
             tx,
-            events,
+            events: parking_lot::Mutex::new(VecDeque::new()),
+            events_ready: Notify::new(),
             kill: CancellationToken::new(),
             close_code: AtomicU16::new(0),
             queued_bytes: AtomicUsize::new(0),
@@ -99,8 +107,23 @@ impl ConnHandle {
 
     /// Hands a user event to the connection's reader.
     pub fn event(&self, ev: UserEvent) {
-        if self.events.try_send(ev).is_err() {
+        let mut q = self.events.lock();
+        if q.len() >= MAX_PENDING_EVENTS {
             tracing::warn!(conn = self.id, "user event dropped: connection not reading its events");
+            return;
+        }
+        q.push_back(ev);
+        drop(q);
+        self.events_ready.notify_one();
+    }
+
+    /// The next user event for the reader (cancel-safe).
+    pub async fn next_event(&self) -> UserEvent {
+        loop {
+            if let Some(ev) = self.events.lock().pop_front() {
+                return ev;
+            }
+            self.events_ready.notified().await;
         }
     }
 
@@ -175,9 +198,8 @@ mod tests {
 
     fn conn(frames: usize, bytes: usize) -> (Arc<ConnHandle>, mpsc::Receiver<Out>) {
         let (tx, rx) = mpsc::channel(frames);
-        let (events, _) = mpsc::channel(1);
         let metrics = Arc::new(Metrics::default());
-        (ConnHandle::new(1, "s".into(), UserId::parse("u").unwrap(), tx, events, bytes, metrics), rx)
+        (ConnHandle::new(1, "s".into(), UserId::parse("u").unwrap(), tx, bytes, metrics), rx)
     }
 
     #[test]

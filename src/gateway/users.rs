@@ -1,6 +1,10 @@
-//! Per-user events (`chat.user.<u>.event`): one core subscription per user
-//! with a session on this gateway, so a room change or a revocation reaches
-//! whichever gateway holds the user, with no session table anywhere.
+//! Per-user events (`chat.user.<u>.event`): a room change or a revocation
+//! reaches whichever gateway holds the user, with no session table anywhere.
+//! One wildcard subscription per gateway, not one per user: user events are
+//! rare, and a subscription costs ~6 KiB of channel and a task on the gateway
+//! plus an interest entry in nats-server (measured with heaptrack: it was the
+//! largest per-connection cost of an idle gateway). Events of users with no
+//! session here are dropped after a map lookup.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -8,7 +12,6 @@ use async_nats::Client;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use serde::Deserialize;
-use tokio::task::AbortHandle;
 
 use super::{membership::Membership, outbound::ConnHandle};
 use crate::{
@@ -34,56 +37,44 @@ pub enum UserEvent {
     },
 }
 
-struct Slot {
-    conns: HashMap<u64, Arc<ConnHandle>>,
-    task: AbortHandle,
-}
-
 pub struct Users {
-    nats: Client,
     membership: Arc<Membership>,
-    map: Mutex<HashMap<UserId, Slot>>,
+    /// The connections of each user with a session here.
+    map: Mutex<HashMap<UserId, HashMap<u64, Arc<ConnHandle>>>>,
 }
 
 impl Users {
-    pub fn new(nats: Client, membership: Arc<Membership>) -> Arc<Self> {
-        Arc::new(Self { nats, membership, map: Mutex::new(HashMap::new()) })
-    }
-
-    pub fn register(self: &Arc<Self>, conn: &Arc<ConnHandle>) {
-        let mut map = self.map.lock();
-        if let Some(slot) = map.get_mut(&conn.user) {
-            slot.conns.insert(conn.id, conn.clone());
-            return;
-        }
-        let this = Arc::downgrade(self);
-        let user = conn.user.clone();
-        let nats = self.nats.clone();
-        let task = tokio::spawn(async move {
-            let mut sub = match nats.subscribe(subjects::user_event(&user)).await {
-                Ok(s) => s,
-                Err(e) => return tracing::warn!(%user, error = %e, "cannot subscribe to user events"),
-            };
+    /// Subscribes to every user's events before answering, so no event sent
+    /// after a session starts can be missed.
+    pub async fn start(nats: &Client, membership: Arc<Membership>) -> anyhow::Result<Arc<Self>> {
+        let mut sub = nats.subscribe(subjects::ALL_USER_EVENTS).await?;
+        let users = Arc::new(Self { membership, map: Mutex::new(HashMap::new()) });
+        let this = Arc::downgrade(&users);
+        tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let Some(users) = this.upgrade() else { return };
+                let Some(user) = subjects::user_of_event(&msg.subject) else { continue };
+                if !users.map.lock().contains_key(&user) {
+                    continue;
+                }
                 match serde_json::from_slice::<UserEvent>(&msg.payload) {
                     Ok(ev) => users.dispatch(&user, ev),
                     Err(e) => tracing::debug!(%user, error = %e, "ignoring unknown user event"),
                 }
             }
         });
-        map.insert(
-            conn.user.clone(),
-            Slot { conns: HashMap::from([(conn.id, conn.clone())]), task: task.abort_handle() },
-        );
+        Ok(users)
+    }
+
+    pub fn register(&self, conn: &Arc<ConnHandle>) {
+        self.map.lock().entry(conn.user.clone()).or_default().insert(conn.id, conn.clone());
     }
 
     pub fn unregister(&self, conn: &ConnHandle) {
         let mut map = self.map.lock();
-        if let Some(slot) = map.get_mut(&conn.user) {
-            slot.conns.remove(&conn.id);
-            if slot.conns.is_empty() {
-                slot.task.abort();
+        if let Some(conns) = map.get_mut(&conn.user) {
+            conns.remove(&conn.id);
+            if conns.is_empty() {
                 map.remove(&conn.user);
             }
         }
@@ -93,8 +84,8 @@ impl Users {
         if let UserEvent::RoomAdded { room, .. } | UserEvent::RoomRemoved { room, .. } = &ev {
             self.membership.forget(room, user);
         }
-        if let Some(slot) = self.map.lock().get(user) {
-            for c in slot.conns.values() {
+        if let Some(conns) = self.map.lock().get(user) {
+            for c in conns.values() {
                 c.event(ev.clone());
             }
         }
