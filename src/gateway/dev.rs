@@ -55,6 +55,8 @@ pub async fn token(State(state): State<AppState>, body: Bytes) -> Result<Json<se
     let req: DevTokenBody =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     let user = UserId::parse(&req.user)?;
-    let token = signer.mint(user.as_str(), TTL, Some(user.to_string())).map_err(|e| ApiError::internal("minting a dev token", e))?;
+    let token = signer
+        .mint(user.as_str(), TTL, Some(user.to_string()))
+        .map_err(|e| ApiError::internal("minting a dev token", e))?;
     Ok(Json(json!({"token": token, "user": user, "expires_in": TTL.as_secs()})))
 }

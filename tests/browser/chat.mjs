@@ -65,6 +65,7 @@ const browser = await chromium.launch({
   timeout: T,
 });
 const pages = {};
+const problems = [];
 let status = 0;
 try {
   const ctxA = await browser.newContext({ viewport: { width: 1100, height: 700 } });
@@ -73,8 +74,13 @@ try {
   const bob = (pages.bob = await ctxB.newPage());
   for (const [who, p] of Object.entries(pages)) {
     p.setDefaultTimeout(T);
-    p.on("pageerror", (e) => log(`${who} page error:`, e.message));
-    p.on("console", (m) => m.type() === "error" && log(`${who} console error:`, m.text()));
+    // Uncaught exceptions and CSP violations fail the run (at the end, with the rest of the story).
+    p.on("pageerror", (e) => { log(`${who} page error:`, e.message); problems.push(`${who}: ${e.message}`); });
+    p.on("console", (m) => {
+      if (m.type() !== "error") return;
+      log(`${who} console error:`, m.text());
+      if (m.text().includes("Content Security Policy")) problems.push(`${who}: ${m.text()}`);
+    });
   }
 
   // --- sign in from #as= on two gateways -----------------------------------------
@@ -168,6 +174,7 @@ try {
     return li?.dataset.status === "offline" && li.querySelector('[data-testid="last-seen"]')?.textContent.includes("last seen");
   });
   await shot(alice, "6-alice-sees-bob-offline");
+  if (problems.length) fail(`errors in the pages:\n  ${problems.join("\n  ")}`);
   log(`PASS in ${((Date.now() - started) / 1000).toFixed(1)} s; screenshots in ${ART}`);
 } catch (e) {
   status = 1;

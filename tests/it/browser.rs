@@ -27,7 +27,8 @@ fn artifacts_dir() -> PathBuf {
 
 /// What the browser test needs, or a panic that says how to get it.
 fn browser_tools() -> (PathBuf, PathBuf) {
-    let chromium = std::env::var_os("NATTER_TEST_CHROMIUM").map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
+    let chromium =
+        std::env::var_os("NATTER_TEST_CHROMIUM").map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
     let modules = Path::new(ROOT).join(".tools/browser");
     let mut missing = Vec::new();
     if !chromium.is_file() {

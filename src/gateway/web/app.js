@@ -127,7 +127,6 @@ async function renewToken() {
     s.token = await devToken(s.devUser);
     s.api.token = s.token;
     sessionStorage.setItem("natter.token", s.token);
-    s.transport?.reconnectNow?.();
   } catch (e) {
     signOut(`Your session ended: ${e.message}`);
   }
@@ -141,7 +140,8 @@ function connect(kind) {
   const onState = (state, detail) => v.showConnection(state, detail);
   if (kind === "sse") {
     s.transport = new SseTransport({ api: s.api, onFrame, onState });
-    s.presencePoll = setInterval(pollPresence, 15000);
+    // No presence or room events without the socket: poll them.
+    s.presencePoll = setInterval(() => { pollPresence(); loadRooms(); }, 15000);
   } else {
     s.transport = new WsTransport({
       token: () => s.token, onFrame, onState,

@@ -15,7 +15,7 @@ export class WsTransport {
    * @param {() => string} o.token       the current token (read at each connect)
    * @param {(f: object) => void} o.onFrame
    * @param {(state: string, detail?: object) => void} o.onState
-   * @param {(code: number) => void} o.onAuthFailed   close 4001: get a new token, then `reconnectNow()`
+   * @param {(code: number) => void} o.onAuthFailed   close 4001: get a new token (the retry uses it)
    * @param {(failures: number) => void} o.onFailures consecutive attempts that never got `welcome`
    */
   constructor(o) {
@@ -86,11 +86,8 @@ export class WsTransport {
       clearInterval(this.heartbeat);
       if (this.stopped) return;
       if (!welcomed) this.onFailures(++this.failures);
-      if (ev.code === 4001) {
-        this.state("reconnecting", { reason: "unauthorized" });
-        this.onAuthFailed(ev.code);
-        return;
-      }
+      // 4001: the app gets a new token meanwhile (read at the next connect).
+      if (ev.code === 4001) this.onAuthFailed(ev.code);
       this.schedule(ev.code === 4029 ? 10000 : 0);
     };
   }
