@@ -174,6 +174,37 @@ try {
     return li?.dataset.status === "offline" && li.querySelector('[data-testid="last-seen"]')?.textContent.includes("last seen");
   });
   await shot(alice, "6-alice-sees-bob-offline");
+
+  // --- scroll-back: 60 messages written over HTTP before alice is added -------------------------
+  const api = async (method, path, body, token) => {
+    const res = await fetch(`${GW2}${path}`, {
+      method,
+      headers: { "Content-Type": "application/json", ...(token ? { Authorization: `Bearer ${token}` } : {}) },
+      body: JSON.stringify(body),
+      signal: AbortSignal.timeout(T),
+    });
+    if (!res.ok) fail(`${method} ${path}: ${res.status} ${await res.text()}`);
+    return res.json();
+  };
+  const { token: bobToken } = await api("POST", "/v1/dev/token", { user: "bob" });
+  const hist = await api("POST", "/v1/rooms", { name: "History" }, bobToken);
+  for (let i = 1; i <= 60; i++) {
+    await api("POST", `/v1/rooms/${hist.id}/messages`, { id: `h${i}`, body: `old ${i}` }, bobToken);
+  }
+  await api("POST", `/v1/rooms/${hist.id}/members`, { user: "alice" }, bobToken);
+  await alice.locator(id("room-item"), { hasText: "History" }).click();
+  const shown = () => alice.locator(id("message")).count();
+  await until(alice, "alice sees the newest 50 of 60 and a load-older button", () =>
+    document.querySelectorAll('[data-testid="message"]').length === 50
+    && !document.querySelector('[data-testid="load-older"]').hidden);
+  await alice.locator(id("load-older")).click();
+  await until(alice, "alice sees all 60 after loading older ones, oldest first", () => {
+    const bodies = [...document.querySelectorAll('[data-testid="message-body"]')].map((e) => e.textContent);
+    return bodies.length === 60 && bodies[0] === "old 1" && bodies[59] === "old 60"
+      && document.querySelector('[data-testid="load-older"]').hidden;
+  });
+  log("ok: scroll-back shows", await shown(), "messages");
+  await shot(alice, "7-alice-history-scrolled-back");
   if (problems.length) fail(`errors in the pages:\n  ${problems.join("\n  ")}`);
   log(`PASS in ${((Date.now() - started) / 1000).toFixed(1)} s; screenshots in ${ART}`);
 } catch (e) {
