@@ -205,6 +205,19 @@ try {
   });
   log("ok: scroll-back shows", await shown(), "messages");
   await shot(alice, "7-alice-history-scrolled-back");
+
+  // --- the server closes alice's socket (log out everywhere → 4001): new dev token, backoff, resume ---
+  await alice.evaluate(() => { window.__states = []; });
+  const { token: aliceToken } = await api("POST", "/v1/dev/token", { user: "alice" });
+  const revoked = await fetch(`${GW1}/v1/sessions`, {
+    method: "DELETE", headers: { Authorization: `Bearer ${aliceToken}` }, signal: AbortSignal.timeout(T),
+  });
+  if (revoked.status !== 202) fail(`DELETE /v1/sessions: ${revoked.status}`);
+  await until(alice, "alice reconnects after her socket is closed by the server", () =>
+    window.__states.includes("reconnecting") && window.__states.at(-1) === "online");
+  log("alice's connection states:", (await alice.evaluate(() => window.__states)).join(" → "));
+  await api("POST", `/v1/rooms/${hist.id}/messages`, { id: "h61", body: "old 61" }, bobToken);
+  await hasMessage(alice, "alice (after the server closed her socket)", "old 61");
   if (problems.length) fail(`errors in the pages:\n  ${problems.join("\n  ")}`);
   log(`PASS in ${((Date.now() - started) / 1000).toFixed(1)} s; screenshots in ${ART}`);
 } catch (e) {
