@@ -34,7 +34,9 @@ const s = {
 function newRoom(r) {
   return {
     id: r.id, name: r.name || r.id, role: r.role,
-    lastSeq: r.last_seq || 0, // highest seq known (join resumes after it)
+    // Highest seq known; a join resumes after it. null: unknown (the server
+    // could not tell), then the join takes only live messages.
+    lastSeq: Number.isInteger(r.last_seq) ? r.last_seq : null,
     readSeq: r.last_read_seq || 0, // highest seq this user has read
     unread: r.unread || 0,
     msgs: new Map(), // seq → message
@@ -187,7 +189,7 @@ function onWelcome() {
 }
 
 function joinRoom(room) {
-  send({ type: "join", room: room.id, since: room.lastSeq });
+  send(room.lastSeq === null ? { type: "join", room: room.id } : { type: "join", room: room.id, since: room.lastSeq });
 }
 
 // ---------- rooms --------------------------------------------------------------
@@ -301,7 +303,7 @@ async function loadOlder(room, initial = false) {
 function addMessage(room, m, { history = false } = {}) {
   if (room.msgs.has(m.seq)) return false;
   room.msgs.set(m.seq, m);
-  if (m.seq > room.lastSeq && !history) room.lastSeq = m.seq;
+  if (!history && m.seq > (room.lastSeq ?? 0)) room.lastSeq = m.seq;
   if (m.from === s.me && s.pending.delete(m.id)) dropRendered(m.id);
   if (!history && m.from !== s.me) {
     clearTyping(room, m.from);
@@ -332,7 +334,7 @@ function onAck(a) {
   s.pending.delete(a.id);
   dropRendered(a.id);
   addMessage(room, { ...p, seq: a.seq, ts: a.ts, pending: false });
-  if (a.seq > room.lastSeq) room.lastSeq = a.seq;
+  if (a.seq > (room.lastSeq ?? 0)) room.lastSeq = a.seq;
   // Our own message counts as read by us.
   room.readSeq = Math.max(room.readSeq, a.seq);
   if (room.id === s.active) {
