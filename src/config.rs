@@ -182,6 +182,10 @@ pub struct GatewaySettings {
     /// `x-forwarded-for`: its first entry is used); unset = the peer address.
     #[arg(long, env = "NATTER_CLIENT_IP_HEADER")]
     pub client_ip_header: Option<String>,
+    /// Development only: `POST /v1/dev/token` mints a token for any user with
+    /// the HS256 secret (the web client's sign-in). Never in production.
+    #[arg(long, env = "NATTER_DEV", default_value_t = false)]
+    pub dev: bool,
     /// Test hook: drop every Nth live delivery before gap detection (0 = off).
     #[arg(long, env = "NATTER_FAULT_DROP_LIVE_EVERY", default_value_t = 0, hide = true)]
     pub fault_drop_live_every: u64,

@@ -18,7 +18,7 @@ use tower_http::{
     trace::TraceLayer,
 };
 
-use super::{AppState, connection, ws};
+use super::{AppState, connection, dev, web, ws};
 use crate::{
     auth::Identity,
     bus::{
@@ -48,10 +48,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/{token}", delete(unregister_device))
         .route("/v1/presence", get(presence))
         .route("/v1/sessions", delete(revoke_sessions))
+        .route("/v1/dev/token", post(dev::token))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), per_ip_limit))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(web::router())
         .layer(DefaultBodyLimit::max(limit))
         // Every request gets an `x-request-id` (the caller's, or a new UUID),
         // echoed in the response and carried by the request's log span. The

@@ -2,9 +2,11 @@
 //!
 //! `ws.rs` upgrades and authenticates, `connection.rs` runs one socket,
 //! `hub.rs` maps local rooms to connections, `room.rs` owns a room's live
-//! subscription, gap repair and fan-out, `http.rs` is the REST API.
+//! subscription, gap repair and fan-out, `http.rs` is the REST API, `web/`
+//! the embedded browser client, `dev.rs` the `--dev` sign-in.
 
 pub mod connection;
+pub mod dev;
 pub mod http;
 pub mod hub;
 pub mod limits;
@@ -15,6 +17,7 @@ pub mod presence;
 pub mod protocol;
 pub mod room;
 pub mod users;
+pub mod web;
 pub mod ws;
 
 use std::{
@@ -59,6 +62,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// False once shutdown starts.
     pub accepting: Arc<AtomicBool>,
+    /// Mints `POST /v1/dev/token` tokens; `None` unless `--dev` (and HS256).
+    pub dev_signer: Option<Arc<crate::auth::Signer>>,
     next_conn: Arc<AtomicU64>,
 }
 
@@ -109,6 +114,7 @@ impl Gateway {
         let typing_limit = Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(per_sec)));
         let limits = limits::Limits::new(&settings.limits);
         let users = users::Users::start(&nats, membership.clone()).await.context("cannot subscribe to user events")?;
+        let dev_signer = dev::signer(&settings).map(Arc::new);
         let state = AppState {
             limits,
             metrics,
@@ -127,6 +133,7 @@ impl Gateway {
             hub: Arc::new(hub),
             shutdown,
             accepting: Arc::new(AtomicBool::new(true)),
+            dev_signer,
             next_conn: Arc::new(AtomicU64::new(1)),
         };
         tokio::spawn(resync_on_reconnect(reconnects, state.hub.clone(), state.presence.clone()));
