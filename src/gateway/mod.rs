@@ -2,8 +2,11 @@
 //!
 //! `ws.rs` upgrades and authenticates, `connection.rs` runs one socket,
 //! `hub.rs` maps local rooms to connections, `room.rs` owns a room's live
-//! subscription, gap repair and fan-out, `http.rs` is the REST API.
+//! subscription, gap repair and fan-out, `http.rs` is the REST API, `sse.rs`
+//! the Server-Sent Events fallback (a connection like a WebSocket one), and
+//! `attachments.rs` image uploads and downloads (NATS object store).
 
+pub mod attachments;
 pub mod connection;
 pub mod http;
 pub mod hub;
@@ -14,6 +17,7 @@ pub mod outbound;
 pub mod presence;
 pub mod protocol;
 pub mod room;
+pub mod sse;
 pub mod users;
 pub mod ws;
 
@@ -44,6 +48,8 @@ pub struct AppState {
     pub js: jetstream::Context,
     /// The CHAT stream (direct gets).
     pub stream: jetstream::stream::Stream,
+    /// The `attachments` object store (image uploads).
+    pub attachments: jetstream::object_store::ObjectStore,
     pub verifier: Arc<Verifier>,
     pub hub: Arc<hub::Hub>,
     pub membership: Arc<membership::Membership>,
@@ -85,6 +91,7 @@ impl Gateway {
         let js = jetstream::new(nats.clone());
         let stream = bus::streams::ensure_chat(&js, &settings.nats).await?;
         bus::presence::ensure_bucket(&js, &settings.nats).await?;
+        let attachments = bus::objects::ensure_attachments(&js, &settings.nats).await?;
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -122,6 +129,7 @@ impl Gateway {
             nats,
             js,
             stream,
+            attachments,
             verifier: Arc::new(verifier),
             hub: Arc::new(hub),
             shutdown,

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod attachments;
 mod bad_input;
 mod cli;
 mod cluster;
@@ -16,4 +17,5 @@ mod ops;
 mod outage;
 mod presence;
 mod push;
+mod sse;
 mod tokens;
