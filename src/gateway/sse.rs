@@ -62,11 +62,9 @@ pub async fn events(
     let last = state.hub.join(&conn.room, conn.handle.clone()).await.map_err(|e| unavailable(&e))?;
     conn.joined = true;
     let replay = match since {
-        Some(since) if since < last => {
-            directget::range(&state.nats, &subjects::room_msg(&conn.room), since, last + 1)
-                .await
-                .map_err(|e| unavailable(&e))?
-        }
+        Some(since) if since < last => directget::range(&state.nats, &subjects::room_msg(&conn.room), since, last + 1)
+            .await
+            .map_err(|e| unavailable(&e))?,
         _ => Vec::new(),
     };
     let cursor = since.map_or(last, |s| s.max(last));
@@ -75,9 +73,8 @@ pub async fn events(
         .filter_map(move |m| std::future::ready(message_event(&room_id, m.seq, &m.payload)))
         .map(Ok);
     let live = Live { conn, rx, events, exp: me.exp, cursor: Some(cursor), restart_at: None };
-    let mut resp = Sse::new(replayed.chain(live.into_stream()))
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response();
+    let mut resp =
+        Sse::new(replayed.chain(live.into_stream())).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response();
     // Proxies such as nginx must pass events on as they come.
     resp.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(resp)
@@ -145,8 +142,15 @@ impl SseConn {
         let (events_tx, events_rx) = mpsc::channel(16);
         let session = uuid::Uuid::new_v4().simple().to_string();
         let s = &state.settings;
-        let handle =
-            ConnHandle::new(state.next_conn_id(), session, user.clone(), tx, events_tx, s.outbound_bytes, state.metrics.clone());
+        let handle = ConnHandle::new(
+            state.next_conn_id(),
+            session,
+            user.clone(),
+            tx,
+            events_tx,
+            s.outbound_bytes,
+            state.metrics.clone(),
+        );
         state.metrics.connections.inc();
         state.presence.session_started(user, handle.id);
         state.users.register(&handle);

@@ -73,7 +73,10 @@ async fn uploads_are_checked_and_images_are_sent_and_served_to_members_only() {
     alice.send(json!({"type":"send","room":"general","id":"img1","kind":"image","attachment":id,"body":"look"})).await;
     assert_eq!(alice.expect("ack").await["id"], "img1");
     let m = bob.messages("general", 1).await.remove(0);
-    assert_eq!((m["kind"].as_str(), m["attachment"].as_str(), m["body"].as_str()), (Some("image"), Some(&*id), Some("look")));
+    assert_eq!(
+        (m["kind"].as_str(), m["attachment"].as_str(), m["body"].as_str()),
+        (Some("image"), Some(&*id), Some("look"))
+    );
 
     // A member downloads the same bytes, with the cache and safety headers.
     let url = format!("{base}/v1/attachments/{id}");

@@ -386,7 +386,8 @@ async fn pushes_for_image_messages_say_photo_with_the_caption() {
     let base = p.base();
     create_room(&base, "alice", "general", &["bob"]).await;
     register(&base, "bob", "fcm", ANDROID).await;
-    let (st, up) = crate::attachments::upload(&base, "alice", "general", "image/png", crate::attachments::png(64)).await;
+    let (st, up) =
+        crate::attachments::upload(&base, "alice", "general", "image/png", crate::attachments::png(64)).await;
     assert_eq!(st, 201, "{up}");
     for (id, caption) in [("p1", ""), ("p2", "at the beach")] {
         let r = http()

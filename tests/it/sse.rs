@@ -174,10 +174,11 @@ async fn sse_reader_and_websocket_client_exchange_messages_in_order() {
     // `?since=` replays what came after it, then goes live.
     let url = format!("{}?since={}", events_url(&s.gw2.http(), "general"), seqs[6]);
     let mut again = SseClient::open(&url, Auth::Bearer(&alice_token), None).await.unwrap();
-    let replayed: Vec<u64> = [again.expect("message").await, again.expect("message").await, again.expect("message").await]
-        .iter()
-        .map(SseEvent::seq)
-        .collect();
+    let replayed: Vec<u64> =
+        [again.expect("message").await, again.expect("message").await, again.expect("message").await]
+            .iter()
+            .map(SseEvent::seq)
+            .collect();
     assert_eq!(replayed, seqs[7..10]);
     let live = post_message(&base, "alice", "general", "a-live", "live").await;
     assert_eq!(again.expect("message").await.seq(), live);
