@@ -263,3 +263,44 @@ async fn sse_is_refused_to_non_members_bad_room_ids_and_bad_tokens() {
     // The member gets her stream.
     assert!(SseClient::open(&url, Auth::Query(&alice), None).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sse_reader_is_cut_off_without_slowing_the_room_and_resumes_losslessly() {
+    const N: usize = 200;
+    // Small queues, so that a reader that stops reading overflows quickly once
+    // the socket buffers are full (a few MiB on loopback).
+    let s = Stack::with(&["--outbound-queue", "16", "--outbound-bytes", "131072"], &[]).await;
+    let base = s.gw1.http();
+    create_room(&base, "alice", "big", &["bob", "carol"]).await;
+    let url = events_url(&base, "big");
+    let bob_token = token("bob");
+    let mut stalled = SseClient::open(&url, Auth::Bearer(&bob_token), None).await.unwrap();
+    let mut carol = Client::connect(s.gw1.addr, "carol").await;
+    carol.join("big", None).await;
+
+    // ~12 MB of messages while bob does not read.
+    let mut alice = Client::connect(s.gw2.addr, "alice").await;
+    let filler = "x".repeat(60_000);
+    let mut acked = Vec::new();
+    for n in 0..N {
+        let seq = alice.send_msg("big", &format!("m{n}"), &filler).await;
+        acked.push(seq);
+        // The room task never waits for bob: carol, on the same gateway and
+        // with the same small queue, gets each message as it is sent.
+        assert_eq!(carol.messages("big", 1).await[0]["seq"], seq);
+    }
+
+    // bob reads what reached him, the stream ends, he resumes from his last id.
+    let mut seen = Vec::new();
+    while let Some(ev) = stalled.next().await {
+        seen.push(ev.seq());
+    }
+    assert!(seen.len() < N, "the stalled stream should have ended early");
+    let metrics = http().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("natter_slow_consumer_closes_total 1"), "bob's stream was cut off as a slow consumer");
+    let mut resumed = SseClient::open(&url, Auth::Bearer(&bob_token), seen.last().copied()).await.unwrap();
+    while seen.len() < N {
+        seen.push(resumed.expect("message").await.seq());
+    }
+    assert_eq!(seen, acked, "every message once, in order, across the cut");
+}
