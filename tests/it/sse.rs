@@ -233,7 +233,7 @@ async fn dropped_sse_stream_resumes_with_last_event_id_missing_and_repeating_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_is_refused_to_non_members_bad_room_ids_and_bad_tokens() {
-    let s = Stack::start().await;
+    let s = Stack::with(&["--limit-conns-per-user", "2"], &[]).await;
     let base = s.gw1.http();
     create_room(&base, "alice", "general", &[]).await;
     let url = events_url(&base, "general");
@@ -260,8 +260,10 @@ async fn sse_is_refused_to_non_members_bad_room_ids_and_bad_tokens() {
     assert_eq!(code(SseClient::open(&url, Auth::Query(&forged), None).await), (401, "unauthorized".into()));
     assert_eq!(code(SseClient::open(&url, Auth::Query("garbage"), None).await), (401, "unauthorized".into()));
 
-    // The member gets her stream.
-    assert!(SseClient::open(&url, Auth::Query(&alice), None).await.is_ok());
+    // The member gets her streams, as many as her connection limit allows.
+    let _one = SseClient::open(&url, Auth::Query(&alice), None).await.unwrap();
+    let _two = SseClient::open(&url, Auth::Bearer(&alice), None).await.unwrap();
+    assert_eq!(code(SseClient::open(&url, Auth::Bearer(&alice), None).await), (429, "rate_limited".into()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
