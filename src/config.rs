@@ -134,6 +134,9 @@ pub struct GatewaySettings {
     /// Largest WebSocket frame or HTTP JSON body, in bytes.
     #[arg(long, env = "NATTER_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,
+    /// Largest image attachment accepted by `POST /v1/rooms/{id}/attachments`, in bytes.
+    #[arg(long, env = "NATTER_ATTACHMENT_MAX_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub attachment_max_bytes: usize,
     /// Time a new WebSocket has to send `hello`.
     #[arg(long, env = "NATTER_HELLO_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub hello_timeout: Duration,

@@ -19,6 +19,8 @@ pub enum Code {
     Conflict,
     RateLimited,
     TooLarge,
+    /// An upload whose type is not accepted, or whose bytes are not of its declared type.
+    UnsupportedMediaType,
     Unavailable,
     Internal,
 }
@@ -33,6 +35,7 @@ impl Code {
             Code::Conflict => StatusCode::CONFLICT,
             Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Code::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -54,6 +54,15 @@ pub fn message_frame(room: &str, seq: u64, payload: &[u8]) -> Option<Bytes> {
     Some(buf.freeze())
 }
 
+/// The seq of a frame built by [`message_frame`]; `None` for any other frame.
+pub fn frame_seq(frame: &[u8]) -> Option<u64> {
+    let rest = frame.strip_prefix(b"{\"type\":\"message\",\"room\":\"")?;
+    let room_len = rest.iter().position(|&b| b == b'"')?; // a RoomId has no quotes
+    let rest = rest[room_len..].strip_prefix(b"\",\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
@@ -80,6 +89,9 @@ mod tests {
         assert_eq!(v["seq"], 42);
         assert_eq!(v["body"], "hi \"there\"");
         assert_eq!(v["from"], "alice");
+        assert_eq!(frame_seq(&frame), Some(42));
+        assert_eq!(frame_seq(b"{\"type\":\"typing\",\"seq\":1}"), None);
+        assert_eq!(frame_seq(&message_frame("r", 7, b"{}").unwrap()), Some(7));
         assert!(message_frame("r", 1, b"[1]").is_none());
         assert!(message_frame("r", 1, b"").is_none());
     }

@@ -1,10 +1,12 @@
 //! Everything that travels over NATS: subject names (`subjects`), the CHAT
-//! stream's setup (`streams`), the stored message format (`envelope`), and
-//! reads of the stream by batch direct get (`directget`).
+//! stream's setup (`streams`), the attachments object store (`objects`), the
+//! stored message format (`envelope`), and reads of the stream by batch direct
+//! get (`directget`).
 
 pub mod directget;
 pub mod envelope;
 pub mod messages;
+pub mod objects;
 pub mod presence;
 pub mod streams;
 pub mod subjects;

@@ -65,6 +65,10 @@ pub const ORIGIN_SESSION_HEADER: &str = "Natter-Session";
 /// Header with the user who is typing (their own sessions are skipped).
 pub const ORIGIN_USER_HEADER: &str = "Natter-User";
 
+/// The object store bucket of image attachments (stream `OBJ_attachments`);
+/// object name = attachment id.
+pub const ATTACHMENTS_BUCKET: &str = "attachments";
+
 /// The presence KV bucket: key `<user>.<node>`.
 pub const PRESENCE_BUCKET: &str = "presence";
 /// The stream behind the presence bucket.

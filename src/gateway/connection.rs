@@ -589,7 +589,7 @@ impl Session<'_> {
     ) -> Result<(), ApiError> {
         let id = ClientMsgId::parse(id)?;
         let room = self.member_room(room).await?;
-        let attachment = check_attachment(kind, attachment)?;
+        let attachment = super::attachments::check_for_message(self.state, &room, kind, attachment).await?;
         let started = std::time::Instant::now();
         let (ts, fut) = messages::publish(
             &self.state.js,

@@ -18,7 +18,7 @@ use tower_http::{
     trace::TraceLayer,
 };
 
-use super::{AppState, connection, dev, web, ws};
+use super::{AppState, attachments, dev, sse, web, ws};
 use crate::{
     auth::Identity,
     bus::{
@@ -41,6 +41,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rooms/{id}/members", post(add_member).get(list_members))
         .route("/v1/rooms/{id}/members/{user}", delete(remove_member))
         .route("/v1/rooms/{id}/messages", get(history).post(send_message))
+        .route("/v1/rooms/{id}/events", get(sse::events))
+        .route("/v1/rooms/{id}/attachments", post(attachments::upload))
+        .route("/v1/attachments/{id}", get(attachments::download))
         .route("/v1/rooms/{id}/read", post(mark_read))
         .route("/v1/rooms/{id}/mute", put(mute_room))
         .route("/v1/unread", get(unread))
@@ -98,16 +101,42 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
-        let id = state.verifier.verify(token.trim()).map_err(|e| ApiError::unauthorized(e.to_string()))?;
-        state.limits.http_from_user(&id.user)?;
-        Ok(Caller(id))
+        let token = bearer(&parts.headers).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+        verify_caller(state, token).map(Caller)
     }
+}
+
+/// The caller by `Authorization: Bearer` or else a `token` query parameter,
+/// for what browsers fetch without custom headers (EventSource, `<img>`).
+/// Same verification as [`Caller`].
+pub struct TokenCaller(pub Identity);
+
+impl FromRequestParts<AppState> for TokenCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = match bearer(&parts.headers) {
+            Some(t) => t.to_owned(),
+            None => query_param(parts.uri.query(), "token")
+                .ok_or_else(|| ApiError::unauthorized("missing bearer token or token parameter"))?,
+        };
+        verify_caller(state, &token).map(TokenCaller)
+    }
+}
+
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+}
+
+fn verify_caller(state: &AppState, token: &str) -> Result<Identity, ApiError> {
+    let id = state.verifier.verify(token.trim()).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+    state.limits.http_from_user(&id.user)?;
+    Ok(id)
+}
+
+/// The first value of `name` in a URL query string (percent-decoded).
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 /// JSON bodies are parsed here so that every failure gets our error body.
@@ -119,7 +148,7 @@ fn room_id(raw: &str) -> Result<RoomId, ApiError> {
     Ok(RoomId::parse(raw)?)
 }
 
-async fn require_member(state: &AppState, room: &RoomId, user: &UserId) -> Result<(), ApiError> {
+pub(super) async fn require_member(state: &AppState, room: &RoomId, user: &UserId) -> Result<(), ApiError> {
     if state.membership.is_member(&state.db, room, user).await? {
         Ok(())
     } else if db::rooms::exists(&state.db, room).await? {
@@ -316,7 +345,7 @@ async fn send_message(
     let msg_id = ClientMsgId::parse(&req.id)?;
     state.limits.user_send(&me.user)?;
     require_member(&state, &room, &me.user).await?;
-    let attachment = connection::check_attachment(req.kind, req.attachment)?;
+    let attachment = attachments::check_for_message(&state, &room, req.kind, req.attachment).await?;
     let new = NewMessage { room: &room, from: &me.user, id: &msg_id, body: req.body, kind: req.kind, attachment };
     let (ts, fut) = messages::publish(&state.js, new).await.map_err(|e| ApiError::unavailable("message stream", e))?;
     let p = messages::confirm(&state.stream, ts, fut).await.map_err(|e| ApiError::unavailable("message stream", e))?;
@@ -338,7 +367,7 @@ async fn mark_read(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let room = room_id(&id)?;
     let req: ReadBody = parse(&body)?;
-    connection::publish_read(&state, &room, &me.user, req.seq, None).await?;
+    super::connection::publish_read(&state, &room, &me.user, req.seq, None).await?;
     Ok(Json(json!({"room": room, "seq": req.seq})))
 }
 

@@ -2,9 +2,12 @@
 //!
 //! `ws.rs` upgrades and authenticates, `connection.rs` runs one socket,
 //! `hub.rs` maps local rooms to connections, `room.rs` owns a room's live
-//! subscription, gap repair and fan-out, `http.rs` is the REST API, `web/`
+//! subscription, gap repair and fan-out, `http.rs` is the REST API, `sse.rs`
+//! the Server-Sent Events fallback (a connection like a WebSocket one),
+//! `attachments.rs` image uploads and downloads (NATS object store), `web/`
 //! the embedded browser client, `dev.rs` the `--dev` sign-in.
 
+pub mod attachments;
 pub mod connection;
 pub mod dev;
 pub mod http;
@@ -16,6 +19,7 @@ pub mod outbound;
 pub mod presence;
 pub mod protocol;
 pub mod room;
+pub mod sse;
 pub mod users;
 pub mod web;
 pub mod ws;
@@ -47,6 +51,8 @@ pub struct AppState {
     pub js: jetstream::Context,
     /// The CHAT stream (direct gets).
     pub stream: jetstream::stream::Stream,
+    /// The `attachments` object store (image uploads).
+    pub attachments: jetstream::object_store::ObjectStore,
     pub verifier: Arc<Verifier>,
     pub hub: Arc<hub::Hub>,
     pub membership: Arc<membership::Membership>,
@@ -90,6 +96,7 @@ impl Gateway {
         let js = jetstream::new(nats.clone());
         let stream = bus::streams::ensure_chat(&js, &settings.nats).await?;
         bus::presence::ensure_bucket(&js, &settings.nats).await?;
+        let attachments = bus::objects::ensure_attachments(&js, &settings.nats).await?;
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -129,6 +136,7 @@ impl Gateway {
             nats,
             js,
             stream,
+            attachments,
             verifier: Arc::new(verifier),
             hub: Arc::new(hub),
             shutdown,

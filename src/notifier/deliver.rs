@@ -246,19 +246,25 @@ async fn offline_users(shared: &Shared, users: &HashSet<&str>) -> anyhow::Result
         .collect())
 }
 
-/// The notification text: the body, shortened on a character boundary.
+/// The notification text: the body, shortened on a character boundary; an
+/// image message says it is a photo, with its caption if it has one.
 fn preview(msg: &StoredMessage) -> String {
     const MAX: usize = 180;
-    match msg.kind {
-        Kind::Image if msg.body.is_empty() => "sent an image".to_owned(),
-        _ if msg.body.chars().count() <= MAX => msg.body.clone(),
-        _ => {
-            let mut s: String = msg.body.chars().take(MAX - 1).collect();
-            s.push('…');
-            s
-        }
+    let text = match msg.kind {
+        Kind::Image if msg.body.is_empty() => return PHOTO.to_owned(),
+        Kind::Image => format!("{PHOTO}: {}", msg.body),
+        Kind::Text => msg.body.clone(),
+    };
+    if text.chars().count() <= MAX {
+        return text;
     }
+    let mut s: String = text.chars().take(MAX - 1).collect();
+    s.push('…');
+    s
 }
+
+/// How an image message shows in a push.
+const PHOTO: &str = "📷 Photo";
 
 #[cfg(test)]
 mod tests {
@@ -275,6 +281,8 @@ mod tests {
         let p = preview(&msg(&long, Kind::Text));
         assert_eq!(p.chars().count(), 180);
         assert!(p.ends_with('…'));
-        assert_eq!(preview(&msg("", Kind::Image)), "sent an image");
+        assert_eq!(preview(&msg("", Kind::Image)), "📷 Photo");
+        assert_eq!(preview(&msg("at the beach", Kind::Image)), "📷 Photo: at the beach");
+        assert_eq!(preview(&msg(&long, Kind::Image)).chars().count(), 180);
     }
 }

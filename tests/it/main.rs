@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod attachments;
 mod bad_input;
 mod browser;
 mod cli;
@@ -17,4 +18,5 @@ mod ops;
 mod outage;
 mod presence;
 mod push;
+mod sse;
 mod tokens;

@@ -379,3 +379,33 @@ async fn push_provider_down_then_back_delivers_late_pushes_once() {
     assert_eq!(pushed.len(), 2, "each message pushed once when the provider is back");
     assert_eq!(unread_total(&base, "bob").await, 2, "counted once despite the redeliveries");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_for_image_messages_say_photo_with_the_caption() {
+    let p = PushStack::start(&[]).await;
+    let base = p.base();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    register(&base, "bob", "fcm", ANDROID).await;
+    let (st, up) =
+        crate::attachments::upload(&base, "alice", "general", "image/png", crate::attachments::png(64)).await;
+    assert_eq!(st, 201, "{up}");
+    for (id, caption) in [("p1", ""), ("p2", "at the beach")] {
+        let r = http()
+            .post(format!("{base}/v1/rooms/general/messages"))
+            .bearer_auth(token("alice"))
+            .json(&json!({"id": id, "kind": "image", "attachment": up["id"], "body": caption}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    assert_eventually!(Duration::from_secs(10), p.emu.delivered_to(ANDROID).await.len() == 2, "two pushes for bob");
+    let bodies: HashSet<String> = p
+        .emu
+        .delivered_to(ANDROID)
+        .await
+        .iter()
+        .map(|r| r["body"]["message"]["notification"]["body"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(bodies, HashSet::from(["📷 Photo".to_owned(), "📷 Photo: at the beach".to_owned()]));
+}

@@ -17,7 +17,7 @@ use std::{
 
 use async_nats::{
     Client, ConnectOptions, Event, ServerError,
-    jetstream::{self, consumer::pull, kv, object_store},
+    jetstream::{self, consumer::pull, kv},
 };
 use futures::StreamExt;
 use natter::{
@@ -254,8 +254,7 @@ async fn gateway_user_does_its_work_and_nothing_else() {
     assert_eq!(snap.len(), 1);
 
     // Attachments: the object store round trip.
-    let attachments = js
-        .create_object_store(object_store::Config { bucket: "attachments".into(), ..Default::default() })
+    let attachments = natter::bus::objects::ensure_attachments(&js, &settings(&nats))
         .await
         .expect("gateway creates the attachments object store");
     let mut data: &[u8] = b"attachment bytes";
