@@ -102,6 +102,12 @@ impl Metrics {
         self.frames_out.get_or_create(&TypeLabel { r#type: kind }).inc();
     }
 
+    pub fn frames_out_by(&self, kind: &'static str, n: u64) {
+        if n > 0 {
+            self.frames_out.get_or_create(&TypeLabel { r#type: kind }).inc_by(n);
+        }
+    }
+
     pub fn dropped(&self, reason: &'static str) {
         self.drops.get_or_create(&ReasonLabel { reason }).inc();
     }

@@ -128,12 +128,27 @@ impl ConnHandle {
     }
 
     /// Queues a frame without waiting. A full queue closes the connection
-    /// as a slow consumer. Returns whether the frame was queued.
+    /// as a slow consumer. Returns whether the frame was queued. Not counted
+    /// here: the room counts a message's deliveries once (one shared counter
+    /// touched per delivery was a cache line bouncing between cores).
     pub fn deliver(&self, frame: Utf8Bytes) -> bool {
-        self.queue(frame, "message")
+        self.try_queue(frame)
+    }
+
+    /// `deliver`, counted as a frame of `kind`.
+    pub fn deliver_counted(&self, frame: Utf8Bytes, kind: &'static str) -> bool {
+        self.queue(frame, kind)
     }
 
     fn queue(&self, frame: Utf8Bytes, kind: &'static str) -> bool {
+        let queued = self.try_queue(frame);
+        if queued {
+            self.metrics.frame_out(kind);
+        }
+        queued
+    }
+
+    fn try_queue(&self, frame: Utf8Bytes) -> bool {
         let len = frame.len();
         if self.queued_bytes.fetch_add(len, Ordering::AcqRel) + len > self.max_bytes {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
@@ -141,10 +156,7 @@ impl ConnHandle {
             return false;
         }
         match self.tx.try_send(Out::Frame(frame)) {
-            Ok(()) => {
-                self.metrics.frame_out(kind);
-                true
-            }
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
                 self.close_now(close::SLOW_CONSUMER);

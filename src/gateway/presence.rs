@@ -260,7 +260,7 @@ impl Presence {
             }
         }
         for (u, v) in ready {
-            conn.deliver(frame(u.as_str(), v));
+            conn.deliver_counted(frame(u.as_str(), v), "presence");
         }
         if fresh.is_empty() {
             return Ok(());

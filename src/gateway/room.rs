@@ -149,12 +149,14 @@ impl Room {
             RoomCmd::CaughtUp { conn_id, cursor } => {
                 if let Some(m) = self.members.get_mut(&conn_id) {
                     m.cursor = m.cursor.max(cursor);
+                    let mut delivered = 0;
                     for (seq, frame) in m.buffer.take().unwrap_or_default() {
                         if seq > m.cursor {
                             m.cursor = seq;
-                            m.conn.deliver(frame);
+                            delivered += u64::from(m.conn.deliver(frame));
                         }
                     }
+                    self.deps.metrics.frames_out_by("message", delivered);
                 }
             }
             RoomCmd::Leave { conn_id } => {
@@ -234,17 +236,19 @@ impl Room {
             let ms = (envelope::now_ms() - ts).max(0) as f64;
             self.deps.metrics.delivery_latency.observe(ms / 1000.0);
         }
+        let mut delivered = 0;
         for m in self.members.values_mut() {
             match &mut m.buffer {
                 Some(buf) if buf.len() < MAX_BUFFERED => buf.push((seq, frame.clone())),
                 Some(_) => m.conn.close_now(close::SLOW_CONSUMER),
                 None if seq > m.cursor => {
                     m.cursor = seq;
-                    m.conn.deliver(frame.clone());
+                    delivered += u64::from(m.conn.deliver(frame.clone()));
                 }
                 None => {}
             }
         }
+        self.deps.metrics.frames_out_by("message", delivered);
     }
 
     /// Room events arrive as ready frames; the originating session is skipped.

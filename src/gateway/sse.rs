@@ -132,23 +132,12 @@ struct SseConn {
 }
 
 impl SseConn {
-    fn open(
-        state: &AppState,
-        room: RoomId,
-        user: &crate::ids::UserId,
-        slot: ConnSlot,
-    ) -> (Self, mpsc::Receiver<Out>) {
+    fn open(state: &AppState, room: RoomId, user: &crate::ids::UserId, slot: ConnSlot) -> (Self, mpsc::Receiver<Out>) {
         let (tx, rx) = mpsc::channel(state.settings.outbound_queue);
         let session = uuid::Uuid::new_v4().simple().to_string();
         let s = &state.settings;
-        let handle = ConnHandle::new(
-            state.next_conn_id(),
-            session,
-            user.clone(),
-            tx,
-            s.outbound_bytes,
-            state.metrics.clone(),
-        );
+        let handle =
+            ConnHandle::new(state.next_conn_id(), session, user.clone(), tx, s.outbound_bytes, state.metrics.clone());
         state.metrics.connections.inc();
         state.presence.session_started(user, handle.id);
         state.users.register(&handle);

@@ -94,11 +94,20 @@ impl Client {
         }
     }
 
-    /// The next frame of type `ty`, skipping others of the listed `skip` types.
+    /// The next frame, which must be of type `ty`.
+    /// A `room_added` / `room_removed` notice is skipped unless it is the
+    /// type expected: one about a room made just before the connection may
+    /// still be in flight when it starts (the protocol allows them any time).
     pub async fn expect(&mut self, ty: &str) -> Value {
-        let v = self.recv().await;
-        assert_eq!(v["type"], ty, "{}: expected {ty}, got {v}", self.user);
-        v
+        loop {
+            let v = self.recv().await;
+            let notice = v["type"] == "room_added" || v["type"] == "room_removed";
+            if notice && v["type"] != ty {
+                continue;
+            }
+            assert_eq!(v["type"], ty, "{}: expected {ty}, got {v}", self.user);
+            return v;
+        }
     }
 
     pub async fn join(&mut self, room: &str, since: Option<u64>) -> u64 {
