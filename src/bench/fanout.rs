@@ -217,7 +217,7 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Fan
         v
     };
     if a.saturate {
-        let best = steps.iter().filter(|s| s.delivered == s.expected && s.p99_ms <= limit_ms).last();
+        let best = steps.iter().rfind(|s| s.delivered == s.expected && s.p99_ms <= limit_ms);
         extend(
             &mut out,
             json!({
