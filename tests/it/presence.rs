@@ -205,3 +205,23 @@ async fn revoking_sessions_closes_them_everywhere() {
     bob.send(json!({"type":"ping"})).await;
     bob.expect("pong").await;
 }
+
+/// The whole allowance of `presence_sub` (1 000 users) in one frame gets a
+/// snapshot of every user: the gateway splits the batch direct get (with one
+/// request of 1 000 filters no snapshot frame came at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_the_full_allowance_of_watched_users_arrives_whole() {
+    let s = Stack::start().await;
+    let _online = Client::connect(s.gw1.addr, "w-7").await;
+    let users: Vec<String> = (0..1000).map(|i| format!("w-{i}")).collect();
+    let mut watcher = Client::connect(s.gw2.addr, "watcher").await;
+    watcher.send(json!({"type":"presence_sub","users":users})).await;
+    let mut seen = std::collections::HashMap::new();
+    while seen.len() < users.len() {
+        let v = watcher.expect("presence").await;
+        seen.insert(v["user"].as_str().unwrap().to_owned(), v["status"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen["w-7"], "online");
+    assert_eq!(seen["w-8"], "offline");
+    assert_eq!(seen.values().filter(|s| *s == "online").count(), 1);
+}
