@@ -22,18 +22,6 @@ async fn register(base: &str, user: &str, platform: &str, device: &str) {
     assert!(r.status().is_success(), "device registration: {}", r.status());
 }
 
-async fn post_msg(base: &str, user: &str, room: &str, id: &str, body: &str) -> u64 {
-    let r = http()
-        .post(format!("{base}/v1/rooms/{room}/messages"))
-        .bearer_auth(token(user))
-        .json(&json!({"id": id, "body": body}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "send: {}", r.status());
-    r.json::<Value>().await.unwrap()["seq"].as_u64().unwrap()
-}
-
 async fn unread_total(base: &str, user: &str) -> i64 {
     get_json(format!("{base}/v1/unread"), user).await["total"].as_i64().unwrap()
 }
@@ -79,7 +67,7 @@ async fn offline_member_gets_apns_and_fcm_pushes_and_unread_counts_online_member
     alice.join("general", None).await;
 
     for i in 1..=3 {
-        post_msg(&base, "alice", "general", &format!("m{i}"), &format!("hello {i}")).await;
+        post_message(&base, "alice", "general", &format!("m{i}"), &format!("hello {i}")).await;
     }
     assert_eventually!(
         Duration::from_secs(10),
@@ -118,7 +106,7 @@ async fn offline_member_gets_apns_and_fcm_pushes_and_unread_counts_online_member
         get_json(format!("{base}/v1/presence?users=bob"), "alice").await["presence"][0]["status"] == "online",
         "bob online"
     );
-    post_msg(&base, "alice", "general", "m4", "are you there?").await;
+    post_message(&base, "alice", "general", "m4", "are you there?").await;
     assert_eventually!(Duration::from_secs(10), p.emu.delivered_to("carol-phone").await.len() == 4, "carol's 4th");
     assert_eq!(p.emu.delivered_to(IPHONE).await.len(), 3, "no push while bob is online");
     assert_eq!(p.emu.delivered_to(ANDROID).await.len(), 3);
@@ -135,9 +123,9 @@ async fn marking_read_clears_unread_and_the_next_badge_counts_from_there() {
     register(&base, "bob", "apns", IPHONE).await;
     let mut last = 0;
     for i in 1..=4 {
-        last = post_msg(&base, "alice", "general", &format!("g{i}"), "x").await;
+        last = post_message(&base, "alice", "general", &format!("g{i}"), "x").await;
     }
-    post_msg(&base, "alice", "other", "o1", "y").await;
+    post_message(&base, "alice", "other", "o1", "y").await;
     assert_eventually!(Duration::from_secs(10), unread_total(&base, "bob").await == 5, "5 unread");
     assert_eventually!(Duration::from_secs(10), p.emu.delivered_to(IPHONE).await.len() == 5, "5 pushes");
     let unread = get_json(format!("{base}/v1/unread"), "bob").await;
@@ -165,7 +153,7 @@ async fn marking_read_clears_unread_and_the_next_badge_counts_from_there() {
         get_json(format!("{base}/v1/presence?users=bob"), "alice").await["presence"][0]["status"] == "offline",
         "bob offline"
     );
-    post_msg(&base, "alice", "general", "g5", "again").await;
+    post_message(&base, "alice", "general", "g5", "again").await;
     assert_eventually!(Duration::from_secs(10), p.emu.delivered_to(IPHONE).await.len() == 6, "6th push");
     let pushes = p.emu.delivered_to(IPHONE).await;
     assert_eq!(apns_badge(&pushes[5]), 1, "badge after reading everything is 1");
@@ -185,7 +173,7 @@ async fn provider_errors_unregistered_deletes_the_device_5xx_and_429_are_retried
     p.emu.fail("c0ffee", 503, "ServiceUnavailable", 2, None).await;
     p.emu.fail("dave-phone", 429, "QUOTA_EXCEEDED", 1, Some(1)).await;
 
-    post_msg(&base, "alice", "general", "m1", "hi").await;
+    post_message(&base, "alice", "general", "m1", "hi").await;
     assert_eventually!(
         Duration::from_secs(15),
         p.emu.delivered_to(ANDROID).await.len() == 1
@@ -205,7 +193,7 @@ async fn provider_errors_unregistered_deletes_the_device_5xx_and_429_are_retried
     assert!(waited >= 950, "429 retried after Retry-After (1 s), waited {waited} ms");
 
     // The deleted device gets nothing more; the notifier counted the outcomes.
-    post_msg(&base, "alice", "general", "m2", "again").await;
+    post_message(&base, "alice", "general", "m2", "again").await;
     assert_eventually!(Duration::from_secs(10), p.emu.delivered_to(ANDROID).await.len() == 2, "second push");
     assert_eq!(to(IPHONE).len(), p.emu.requests().await.iter().filter(|r| r["token"] == IPHONE).count());
     let text = http().get(format!("http://{}/metrics", p.notifier.addr)).send().await.unwrap().text().await.unwrap();
@@ -222,7 +210,7 @@ async fn a_poison_message_is_dead_lettered_and_does_not_stall_the_rest() {
     let nats = async_nats::connect(p.s.nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(nats);
     js.publish("chat.room.general.msg", "{not json".into()).await.unwrap().await.unwrap();
-    post_msg(&base, "alice", "general", "m1", "after the poison").await;
+    post_message(&base, "alice", "general", "m1", "after the poison").await;
     assert_eventually!(Duration::from_secs(10), p.emu.delivered_to(ANDROID).await.len() == 1, "the good one is pushed");
     let pool = p.s.db.pool().await;
     let letters: Vec<(String, i64, String)> =
@@ -246,7 +234,7 @@ async fn history_comes_from_the_archive_once_the_stream_has_dropped_it() {
     let base = s.gw1.http();
     create_room(&base, "alice", "general", &["bob"]).await;
     for i in 1..=30 {
-        post_msg(&base, "alice", "general", &format!("m{i}"), &format!("body {i}")).await;
+        post_message(&base, "alice", "general", &format!("m{i}"), &format!("body {i}")).await;
     }
     let pool = s.db.pool().await;
     assert_eventually!(
@@ -271,7 +259,7 @@ async fn flood(base: &str, room: &str, n: usize) -> Vec<u64> {
         .map(|i| {
             let base = base.to_owned();
             let room = room.to_owned();
-            async move { post_msg(&base, "alice", &room, &format!("f{i}"), &format!("flood {i}")).await }
+            async move { post_message(&base, "alice", &room, &format!("f{i}"), &format!("flood {i}")).await }
         })
         .buffer_unordered(16)
         .collect()
@@ -339,12 +327,12 @@ async fn postgres_down_for_a_while_delays_unread_and_pushes_but_loses_none() {
     let base = s.gw1.http();
     create_room(&base, "alice", "general", &["bob"]).await;
     register(&base, "bob", "fcm", ANDROID).await;
-    post_msg(&base, "alice", "general", "m1", "before").await;
+    post_message(&base, "alice", "general", "m1", "before").await;
     assert_eventually!(Duration::from_secs(10), emu.delivered_to(ANDROID).await.len() == 1, "first push");
 
     proxy.cut(); // the notifier's PostgreSQL is gone; the gateways' is not
     for i in 2..=6 {
-        post_msg(&base, "alice", "general", &format!("m{i}"), "during").await;
+        post_message(&base, "alice", "general", &format!("m{i}"), "during").await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(emu.delivered_to(ANDROID).await.len(), 1, "nothing is pushed while unread cannot be counted");
@@ -366,8 +354,8 @@ async fn push_provider_down_then_back_delivers_late_pushes_once() {
     create_room(&base, "alice", "general", &["bob"]).await;
     register(&base, "bob", "fcm", ANDROID).await;
     p.emu.fail(ANDROID, 503, "UNAVAILABLE", 0, None).await;
-    post_msg(&base, "alice", "general", "m1", "one").await;
-    post_msg(&base, "alice", "general", "m2", "two").await;
+    post_message(&base, "alice", "general", "m1", "one").await;
+    post_message(&base, "alice", "general", "m2", "two").await;
     let refused = || async { p.emu.requests().await.iter().filter(|r| r["status"] == 503).count() };
     // 2 messages × 2 attempts, then each is redelivered and tried again.
     assert_eventually!(Duration::from_secs(15), refused().await >= 6, "retried across redeliveries");

@@ -118,19 +118,6 @@ fn events_url(base: &str, room: &str) -> String {
     format!("{base}/v1/rooms/{room}/events")
 }
 
-/// POST /v1/rooms/{room}/messages; the seq.
-async fn post_message(base: &str, user: &str, room: &str, id: &str, body: &str) -> u64 {
-    let r = http()
-        .post(format!("{base}/v1/rooms/{room}/messages"))
-        .bearer_auth(token(user))
-        .json(&json!({"id": id, "body": body}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "send {id}");
-    r.json::<Value>().await.unwrap()["seq"].as_u64().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_reader_and_websocket_client_exchange_messages_in_order() {
     let s = Stack::start().await;

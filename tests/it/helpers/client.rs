@@ -195,3 +195,16 @@ pub async fn create_room(base: &str, owner: &str, id: &str, members: &[&str]) {
     let status = r.status();
     assert_eq!(status, 201, "create room {id}: {}", r.text().await.unwrap());
 }
+
+/// `POST /v1/rooms/{room}/messages` as `user`; the stored seq.
+pub async fn post_message(base: &str, user: &str, room: &str, id: &str, body: &str) -> u64 {
+    let r = http()
+        .post(format!("{base}/v1/rooms/{room}/messages"))
+        .bearer_auth(token(user))
+        .json(&serde_json::json!({"id": id, "body": body}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "send {id}: {}", r.status());
+    r.json::<Value>().await.unwrap()["seq"].as_u64().unwrap()
+}
