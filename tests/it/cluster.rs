@@ -129,10 +129,20 @@ fn urls_from(c: &NatsCluster, first: usize) -> String {
     (0..n).map(|i| urls[(first + i) % n].clone()).collect::<Vec<_>>().join(",")
 }
 
+/// The CHAT stream's leader. A request may time out while the cluster is
+/// still placing the gateways' R3 streams and buckets: asked again, within 20 s.
 async fn stream_leader(nats: &async_nats::Client) -> String {
     let js = async_nats::jetstream::new(nats.clone());
-    let info = js.get_stream(CHAT_STREAM).await.unwrap().get_info().await.unwrap();
-    info.cluster.and_then(|c| c.leader).unwrap_or_default()
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = async { js.get_stream(CHAT_STREAM).await?.get_info().await.map_err(Into::into) };
+        let res: Result<_, Box<dyn std::error::Error + Send + Sync>> = info.await;
+        match res {
+            Ok(info) => return info.cluster.and_then(|c| c.leader).unwrap_or_default(),
+            Err(e) if Instant::now() < until => eprintln!("stream info: {e}; asking again"),
+            Err(e) => panic!("no stream info within 20 s: {e}"),
+        }
+    }
 }
 
 /// Steps the CHAT stream's leader down until `to` leads it (asking for `to`
