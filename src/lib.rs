@@ -4,7 +4,7 @@
 //! - `gateway::ws` upgrades a socket → `gateway::connection` runs it (reader +
 //!   writer joined by a bounded queue, `gateway::outbound`);
 //! - a `send` → `bus::messages::publish` → stream `CHAT` (dedupe by
-//!   `Nats-Msg-Id`) → RePublish `live.room.<r>` → `gateway::room` (one task per
+//!   `Nats-Msg-Id`) → RePublish `live.room.<r>.msg` → `gateway::room` (one task per
 //!   room with local members: gap repair, encode once) → every member's queue;
 //! - `join` with `since` replays from the stream (`bus::directget`) and meets
 //!   the live flow at a seam kept by the room task (`gateway::hub`);

@@ -8,7 +8,9 @@ pub const CHAT_STREAM: &str = "CHAT";
 /// Subjects captured by the CHAT stream.
 pub const CHAT_SUBJECTS: &str = "chat.room.*.msg";
 /// Where the stream republishes each stored message (`{{wildcard(1)}}` = room).
-pub const LIVE_REPUBLISH_DEST: &str = "live.room.{{wildcard(1)}}";
+/// Everything a gateway delivers live for a room is under `live.room.<r>.`,
+/// so one subscription per room and gateway takes it all.
+pub const LIVE_REPUBLISH_DEST: &str = "live.room.{{wildcard(1)}}.msg";
 
 /// Stored messages of a room (in the CHAT stream).
 pub fn room_msg(room: &RoomId) -> String {
@@ -26,19 +28,42 @@ pub const NOTIFIER_CONSUMER: &str = "notifier";
 /// Durable consumer that copies messages into the PostgreSQL archive.
 pub const ARCHIVER_CONSUMER: &str = "archiver";
 
-/// The republished copy of each stored message, for live delivery.
+/// Everything delivered live in a room: the republished messages
+/// (`.msg`), room events (`.event`) and typing (`.typing`).
 pub fn live_room(room: &RoomId) -> String {
-    format!("live.room.{room}")
+    format!("live.room.{room}.>")
 }
 
-/// Ephemeral room events (read markers, member changes).
+/// What a subject under [`live_room`] carries (its last token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Live {
+    /// A stored message, republished by the CHAT stream.
+    Message,
+    /// An ephemeral room event (read markers).
+    Event,
+    /// A typing indicator.
+    Typing,
+}
+
+impl Live {
+    pub fn of(subject: &str) -> Option<Self> {
+        match subject.rsplit('.').next()? {
+            "msg" => Some(Self::Message),
+            "event" => Some(Self::Event),
+            "typing" => Some(Self::Typing),
+            _ => None,
+        }
+    }
+}
+
+/// Ephemeral room events (read markers, member changes; core NATS).
 pub fn room_event(room: &RoomId) -> String {
-    format!("chat.room.{room}.event")
+    format!("live.room.{room}.event")
 }
 
 /// Typing indicators (core NATS, never stored).
 pub fn room_typing(room: &RoomId) -> String {
-    format!("chat.room.{room}.typing")
+    format!("live.room.{room}.typing")
 }
 
 /// Events for one user wherever they are connected.

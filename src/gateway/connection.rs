@@ -7,12 +7,12 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt, stream::SplitSink};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
     AppState,
-    outbound::{ConnHandle, Out, close},
+    outbound::{ConnHandle, Out, Outbox, close},
     protocol::{self, ClientFrame, ServerFrame},
 };
 use crate::{
@@ -33,10 +33,26 @@ use super::users::UserEvent;
 /// Frames coalesced into one socket write.
 const WRITE_BATCH: usize = 64;
 
-pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>, ip: std::net::IpAddr) {
-    let (sink, mut stream) = socket.split();
-    let (tx, rx) = mpsc::channel(state.settings.outbound_queue);
+/// Runs one upgraded socket to its end. The socket is split before the
+/// connection's future starts, so that future does not keep a slot for the
+/// unsplit socket (368 bytes, for the connection's whole life).
+pub fn serve(
+    state: AppState,
+    socket: WebSocket,
+    bearer: Option<String>,
+    ip: std::net::IpAddr,
+) -> impl Future<Output = ()> + Send {
+    let (sink, stream) = socket.split();
+    serve_split(state, sink, stream, bearer, ip)
+}
 
+async fn serve_split(
+    state: AppState,
+    sink: SplitSink<WebSocket, Message>,
+    mut stream: Reader,
+    bearer: Option<String>,
+    ip: std::net::IpAddr,
+) {
     let identity = match Box::pin(handshake(&state, &mut stream, bearer)).await {
         Ok(id) => id,
         Err(reason) => {
@@ -73,7 +89,14 @@ pub async fn serve(state: AppState, socket: WebSocket, bearer: Option<String>, i
     let session = uuid::Uuid::new_v4().simple().to_string();
     let max_bytes = state.settings.outbound_bytes;
     let metrics = state.metrics.clone();
-    let conn = ConnHandle::new(state.next_conn_id(), session, identity.user.clone(), tx, max_bytes, metrics);
+    let (conn, rx) = ConnHandle::new(
+        state.next_conn_id(),
+        session,
+        identity.user.clone(),
+        state.settings.outbound_queue,
+        max_bytes,
+        metrics,
+    );
     state.metrics.connections.inc();
     let timing =
         WriterTiming { heartbeat: state.settings.heartbeat, drain_spread: state.settings.drain_window.mul_f32(0.6) };
@@ -168,7 +191,7 @@ struct WriterTiming {
 
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Out>,
+    mut rx: Outbox,
     conn: Arc<ConnHandle>,
     shutdown: CancellationToken,
     timing: WriterTiming,
@@ -218,8 +241,8 @@ async fn write_loop(
 }
 
 /// Writes the frames queued so far (the queue is bounded; so is the caller's wait).
-async fn flush_queued(sink: &mut SplitSink<WebSocket, Message>, rx: &mut mpsc::Receiver<Out>, conn: &ConnHandle) {
-    while let Ok(Out::Frame(f)) = rx.try_recv() {
+async fn flush_queued(sink: &mut SplitSink<WebSocket, Message>, rx: &mut Outbox, conn: &ConnHandle) {
+    while let Some(Out::Frame(f)) = rx.try_recv() {
         conn.dequeued(f.len());
         if sink.feed(Message::Text(f)).await.is_err() {
             return;
@@ -232,7 +255,7 @@ async fn flush_queued(sink: &mut SplitSink<WebSocket, Message>, rx: &mut mpsc::R
 async fn write_batch(
     sink: &mut SplitSink<WebSocket, Message>,
     first: Out,
-    rx: &mut mpsc::Receiver<Out>,
+    rx: &mut Outbox,
     conn: &ConnHandle,
 ) -> Result<(), axum::Error> {
     let mut next = Some(first);
@@ -251,7 +274,7 @@ async fn write_batch(
         }
         n += 1;
         if n < WRITE_BATCH {
-            next = rx.try_recv().ok();
+            next = rx.try_recv();
         }
     }
     sink.flush().await

@@ -18,7 +18,7 @@ struct Slot {
 }
 
 pub struct Hub {
-    deps: RoomDeps,
+    deps: Arc<RoomDeps>,
     /// Room → its task's command channel and local member count. The count
     /// changes under this lock, so a room is removed exactly when it empties.
     rooms: Mutex<HashMap<RoomId, Slot>>,
@@ -26,7 +26,7 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(deps: RoomDeps) -> Self {
-        Self { deps, rooms: Mutex::new(HashMap::new()) }
+        Self { deps: Arc::new(deps), rooms: Mutex::new(HashMap::new()) }
     }
 
     /// Adds `conn` to `room` in buffering state and returns the room's last

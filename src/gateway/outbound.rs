@@ -2,6 +2,11 @@
 //! frames and a way to close it. Room tasks never wait on a client: a full
 //! queue makes the client a slow consumer (close 4008; it resumes from its
 //! last seq and loses nothing).
+//!
+//! The queue is a `VecDeque` under a lock with two `Notify`s, not a tokio
+//! channel: a bounded channel allocates its first block of 32 slots and its
+//! shared state up front (~1.5 KiB per connection in heaptrack), while an
+//! empty `VecDeque` holds nothing and shrinks back after a burst.
 
 use std::sync::{
     Arc,
@@ -11,7 +16,7 @@ use std::sync::{
 use axum::extract::ws::Utf8Bytes;
 use std::collections::VecDeque;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{metrics::Metrics, users::UserEvent};
@@ -34,6 +39,9 @@ pub mod close {
 /// User events held for a connection that has not read them yet.
 const MAX_PENDING_EVENTS: usize = 16;
 
+/// Slots kept by an emptied queue; more is given back after a burst.
+const KEEP_SLOTS: usize = 16;
+
 pub enum Out {
     Frame(Utf8Bytes),
     /// Close after the frames queued before it.
@@ -45,7 +53,13 @@ pub struct ConnHandle {
     pub id: u64,
     pub session: String,
     pub user: UserId,
-    tx: mpsc::Sender<Out>,
+    /// The frames for the writer, bounded by `capacity`.
+    out: parking_lot::Mutex<Queue>,
+    /// Something was queued (the writer waits on it).
+    out_ready: Notify,
+    /// A full queue gave a slot back (`send` waits on it).
+    out_space: Notify,
+    capacity: usize,
     /// User events for the connection's reader (rare; bounded). A queue and
     /// a Notify rather than a channel: a tokio channel allocates a block of
     /// 32 slots up front, ~1.8 KiB per connection for something rarely used.
@@ -59,20 +73,86 @@ pub struct ConnHandle {
     metrics: Arc<Metrics>,
 }
 
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Out>,
+    /// The writer is gone: nothing more is queued.
+    closed: bool,
+}
+
+/// Why a frame was not queued.
+enum Refused {
+    Full,
+    Closed,
+}
+
+/// The writer's end of a connection's queue. Dropping it closes the queue
+/// (later frames are refused, waiting senders return), as dropping a
+/// channel's receiver would.
+pub struct Outbox(Arc<ConnHandle>);
+
+impl Outbox {
+    /// The next item, waiting for one; `None` once the queue is closed.
+    pub async fn recv(&mut self) -> Option<Out> {
+        loop {
+            if let Some(out) = self.try_recv() {
+                return Some(out);
+            }
+            if self.0.out.lock().closed {
+                return None;
+            }
+            // A permit stored by `notify_one` while nobody waited is taken
+            // here, so a frame queued since `try_recv` is not missed.
+            self.0.out_ready.notified().await;
+        }
+    }
+
+    /// The next item if one is queued.
+    pub fn try_recv(&mut self) -> Option<Out> {
+        let conn = &self.0;
+        let mut q = conn.out.lock();
+        let was_full = q.items.len() >= conn.capacity;
+        let out = q.items.pop_front()?;
+        if q.items.is_empty() && q.items.capacity() > KEEP_SLOTS {
+            q.items.shrink_to(KEEP_SLOTS);
+        }
+        drop(q);
+        if was_full {
+            conn.out_space.notify_waiters();
+        }
+        Some(out)
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let mut q = self.0.out.lock();
+        q.closed = true;
+        q.items = VecDeque::new();
+        drop(q);
+        self.0.out_space.notify_waiters();
+    }
+}
+
 impl ConnHandle {
+    /// The connection's handle and its writer's end of the queue, which
+    /// holds up to `capacity` items and `max_bytes` bytes of frames.
     pub fn new(
         id: u64,
         session: String,
         user: UserId,
-        tx: mpsc::Sender<Out>,
+        capacity: usize,
         max_bytes: usize,
         metrics: Arc<Metrics>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+    ) -> (Arc<Self>, Outbox) {
+        let conn = Arc::new(Self {
             id,
             session,
             user,
-            tx,
+            out: parking_lot::Mutex::new(Queue::default()),
+            out_ready: Notify::new(),
+            out_space: Notify::new(),
+            capacity: capacity.max(1),
             events: parking_lot::Mutex::new(VecDeque::new()),
             events_ready: Notify::new(),
             kill: CancellationToken::new(),
@@ -80,7 +160,46 @@ impl ConnHandle {
             queued_bytes: AtomicUsize::new(0),
             max_bytes,
             metrics,
-        })
+        });
+        (conn.clone(), Outbox(conn))
+    }
+
+    /// Appends `out` unless the queue is full or closed.
+    fn push(&self, out: Out) -> Result<(), Refused> {
+        let mut q = self.out.lock();
+        if q.closed {
+            return Err(Refused::Closed);
+        }
+        if q.items.len() >= self.capacity {
+            return Err(Refused::Full);
+        }
+        q.items.push_back(out);
+        drop(q);
+        self.out_ready.notify_one();
+        Ok(())
+    }
+
+    /// Appends `out`, waiting while the queue is full; `false` once closed.
+    async fn push_waiting(&self, out: Out) -> bool {
+        loop {
+            // Registered before the check, so a slot freed in between wakes it.
+            let space = self.out_space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            {
+                let mut q = self.out.lock();
+                if q.closed {
+                    return false;
+                }
+                if q.items.len() < self.capacity {
+                    q.items.push_back(out);
+                    drop(q);
+                    self.out_ready.notify_one();
+                    return true;
+                }
+            }
+            space.await;
+        }
     }
 
     /// The writer took a frame of `len` bytes off the queue.
@@ -90,7 +209,7 @@ impl ConnHandle {
 
     /// Whether the queue is more than half full, by frames or by bytes.
     fn backed_up(&self) -> bool {
-        self.tx.capacity() < self.tx.max_capacity() / 2
+        self.out.lock().items.len() > self.capacity / 2
             || self.queued_bytes.load(Ordering::Acquire) > self.max_bytes / 2
     }
 
@@ -155,14 +274,14 @@ impl ConnHandle {
             self.close_now(close::SLOW_CONSUMER);
             return false;
         }
-        match self.tx.try_send(Out::Frame(frame)) {
+        match self.push(Out::Frame(frame)) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
                 self.close_now(close::SLOW_CONSUMER);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(Refused::Closed) => {
                 self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
                 false
             }
@@ -174,16 +293,16 @@ impl ConnHandle {
     pub async fn send(&self, frame: Utf8Bytes) {
         let len = frame.len();
         self.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        if self.tx.send(Out::Frame(frame)).await.is_err() {
-            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-        } else {
+        if self.push_waiting(Out::Frame(frame)).await {
             self.metrics.frame_out("reply");
+        } else {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
         }
     }
 
     /// Queues a close after what is already queued.
     pub async fn close_after_queue(&self, code: u16, reason: &'static str) {
-        let _ = self.tx.send(Out::Close(code, reason)).await;
+        self.push_waiting(Out::Close(code, reason)).await;
     }
 
     /// Closes at once with `code` (the first code set wins).
@@ -208,10 +327,9 @@ impl ConnHandle {
 mod tests {
     use super::*;
 
-    fn conn(frames: usize, bytes: usize) -> (Arc<ConnHandle>, mpsc::Receiver<Out>) {
-        let (tx, rx) = mpsc::channel(frames);
+    fn conn(frames: usize, bytes: usize) -> (Arc<ConnHandle>, Outbox) {
         let metrics = Arc::new(Metrics::default());
-        (ConnHandle::new(1, "s".into(), UserId::parse("u").unwrap(), tx, bytes, metrics), rx)
+        ConnHandle::new(1, "s".into(), UserId::parse("u").unwrap(), frames, bytes, metrics)
     }
 
     #[test]
@@ -226,7 +344,7 @@ mod tests {
         assert!(!c.deliver(Utf8Bytes::from_static("m4")), "the queue is full");
         assert_eq!(c.close_code(), close::SLOW_CONSUMER);
         let mut got = Vec::new();
-        while let Ok(Out::Frame(f)) = rx.try_recv() {
+        while let Some(Out::Frame(f)) = rx.try_recv() {
             got.push(f.to_string());
         }
         assert_eq!(got, ["typing", "m1", "m2", "m3"]);
@@ -236,10 +354,46 @@ mod tests {
     fn queued_bytes_are_bounded_and_given_back_by_the_writer() {
         let (c, mut rx) = conn(100, 10);
         assert!(c.deliver(Utf8Bytes::from_static("12345678")));
-        let Ok(Out::Frame(f)) = rx.try_recv() else { panic!("queued") };
+        let Some(Out::Frame(f)) = rx.try_recv() else { panic!("queued") };
         c.dequeued(f.len());
         assert!(c.deliver(Utf8Bytes::from_static("12345678")), "room again once written");
         assert!(!c.deliver(Utf8Bytes::from_static("abc")), "over 10 bytes queued");
         assert_eq!(c.close_code(), close::SLOW_CONSUMER);
+    }
+
+    #[tokio::test]
+    async fn a_reply_waits_for_room_and_the_writer_sees_items_in_order() {
+        let (c, mut rx) = conn(2, 1 << 20);
+        c.send(Utf8Bytes::from_static("r1")).await;
+        c.send(Utf8Bytes::from_static("r2")).await;
+        let waiting = tokio::spawn({
+            let c = c.clone();
+            async move { c.send(Utf8Bytes::from_static("r3")).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the queue is full: the reply waits");
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let Some(Out::Frame(f)) = rx.recv().await else { panic!("a frame") };
+            got.push(f.to_string());
+        }
+        waiting.await.unwrap();
+        assert_eq!(got, ["r1", "r2", "r3"]);
+        assert!(!c.killed().is_cancelled(), "replies wait, they never make a slow consumer");
+    }
+
+    #[tokio::test]
+    async fn a_gone_writer_releases_waiting_senders_and_refuses_frames() {
+        let (c, rx) = conn(1, 1 << 20);
+        c.send(Utf8Bytes::from_static("r1")).await;
+        let waiting = tokio::spawn({
+            let c = c.clone();
+            async move { c.close_after_queue(close::NORMAL, "").await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        drop(rx);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting).await.expect("released").unwrap();
+        assert!(!c.deliver(Utf8Bytes::from_static("m")), "nobody will write it");
+        assert!(!c.killed().is_cancelled(), "a closed queue is not a slow consumer");
     }
 }

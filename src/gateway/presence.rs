@@ -281,8 +281,11 @@ impl Presence {
             w.initialized = true;
             let v = w.view();
             w.sent = Some(v);
+            // The first frame answers a `presence_sub`: never dropped for
+            // backpressure (a snapshot of hundreds of users fills half a
+            // queue at once). Changes after it may be.
             for c in w.subscribers.values() {
-                c.deliver_ephemeral(frame(u.as_str(), v));
+                c.deliver_counted(frame(u.as_str(), v), "presence");
             }
             let this = Arc::downgrade(self);
             let user = u.clone();

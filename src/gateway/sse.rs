@@ -22,13 +22,13 @@ use axum::{
 };
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 
 use super::{
     AppState,
     http::{TokenCaller, query_param, require_member},
     limits::ConnSlot,
-    outbound::{ConnHandle, Out},
+    outbound::{ConnHandle, Out, Outbox},
     users::UserEvent,
     ws,
 };
@@ -132,12 +132,17 @@ struct SseConn {
 }
 
 impl SseConn {
-    fn open(state: &AppState, room: RoomId, user: &crate::ids::UserId, slot: ConnSlot) -> (Self, mpsc::Receiver<Out>) {
-        let (tx, rx) = mpsc::channel(state.settings.outbound_queue);
+    fn open(state: &AppState, room: RoomId, user: &crate::ids::UserId, slot: ConnSlot) -> (Self, Outbox) {
         let session = uuid::Uuid::new_v4().simple().to_string();
         let s = &state.settings;
-        let handle =
-            ConnHandle::new(state.next_conn_id(), session, user.clone(), tx, s.outbound_bytes, state.metrics.clone());
+        let (handle, rx) = ConnHandle::new(
+            state.next_conn_id(),
+            session,
+            user.clone(),
+            s.outbound_queue,
+            s.outbound_bytes,
+            state.metrics.clone(),
+        );
         state.metrics.connections.inc();
         state.presence.session_started(user, handle.id);
         state.users.register(&handle);
@@ -161,7 +166,7 @@ impl Drop for SseConn {
 /// The live part of the stream: the connection's queue until it is closed.
 struct Live {
     conn: SseConn,
-    rx: mpsc::Receiver<Out>,
+    rx: Outbox,
     /// The token's expiry (unix s): the stream ends then; the client comes
     /// back with a fresh token.
     exp: u64,

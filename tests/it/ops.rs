@@ -215,9 +215,9 @@ async fn gateway_user_does_its_work_and_nothing_else() {
     let presence = gateway_setup(&nats, &gw).await;
     let js = gw.js();
 
-    // Live delivery: the stream republishes to live.room.<r>, which it may subscribe to.
-    let mut live = gw.client.subscribe("live.room.r").await.unwrap();
-    let mut typing = gw.client.subscribe("chat.room.r.typing").await.unwrap();
+    // Live delivery: the stream republishes to live.room.<r>.msg; one
+    // subscription per room takes messages, events and typing.
+    let mut live = gw.client.subscribe("live.room.r.>").await.unwrap();
     let _events = gw.client.subscribe("chat.user.alice.event").await.unwrap();
     let mut presence_evt = gw.client.subscribe("presence.evt.alice.>").await.unwrap();
 
@@ -229,7 +229,8 @@ async fn gateway_user_does_its_work_and_nothing_else() {
         .expect("JetStream acks chat.room.r.msg");
     assert_eq!(ack.stream, "CHAT");
     assert_eq!(ack.sequence, 1);
-    let republished = tokio::time::timeout(WAIT, live.next()).await.expect("republished to live.room.r").unwrap();
+    let republished = tokio::time::timeout(WAIT, live.next()).await.expect("republished to live.room.r.msg").unwrap();
+    assert_eq!(republished.subject.as_str(), "live.room.r.msg");
     assert_eq!(&republished.payload[..], b"{\"body\":\"hi\"}");
 
     // Replay and gap repair read the stream by direct get.
@@ -239,11 +240,12 @@ async fn gateway_user_does_its_work_and_nothing_else() {
     assert_eq!(last.sequence, 1);
 
     // Ephemeral core subjects.
-    gw.client.publish("chat.room.r.typing", "{}".into()).await.unwrap();
-    tokio::time::timeout(WAIT, typing.next()).await.expect("typing is delivered").unwrap();
-    for s in ["chat.room.r.event", "chat.user.alice.event"] {
+    for s in ["live.room.r.typing", "live.room.r.event"] {
         gw.client.publish(s, "{}".into()).await.unwrap();
+        let got = tokio::time::timeout(WAIT, live.next()).await.expect("delivered on the room's subscription").unwrap();
+        assert_eq!(got.subject.as_str(), s);
     }
+    gw.client.publish("chat.user.alice.event", "{}".into()).await.unwrap();
 
     // Presence: heartbeat (republished to presence.evt.<user>.<node>), read back
     // by key and by natter's batch snapshot (multi-last direct get).
@@ -270,7 +272,8 @@ async fn gateway_user_does_its_work_and_nothing_else() {
         "$JS.API.STREAM.PURGE.CHAT",
         "$JS.API.CONSUMER.CREATE.CHAT.x",
         "$JS.API.STREAM.DELETE.KV_presence",
-        "live.room.r",
+        "live.room.r.msg",
+        "chat.room.r.typing",
         "admin.x",
     ];
     for s in forbidden_pub {
@@ -330,7 +333,7 @@ async fn notifier_user_consumes_but_cannot_publish_messages() {
 
     let forbidden_pub = [
         "chat.room.r.msg",
-        "chat.room.r.typing",
+        "live.room.r.typing",
         "$KV.presence.bob.gw1",
         "$JS.API.STREAM.DELETE.CHAT",
         "$JS.API.STREAM.CREATE.CHAT",
@@ -339,12 +342,12 @@ async fn notifier_user_consumes_but_cannot_publish_messages() {
     for s in forbidden_pub {
         nt.publish_refused(s).await;
     }
-    let _live = nt.client.subscribe("live.room.r").await.unwrap();
+    let _live = nt.client.subscribe("live.room.r.>").await.unwrap();
     nt.client.flush().await.unwrap();
-    nt.refused("Subscription", "live.room.r").await;
+    nt.refused("Subscription", "live.room.r.>").await;
 
     let mut expected = forbidden_pub.to_vec();
-    expected.push("live.room.r");
+    expected.push("live.room.r.>");
     nt.only_refused(&expected);
 
     let info = gw.js().get_stream("CHAT").await.unwrap().info().await.unwrap().clone();
