@@ -344,6 +344,10 @@ pub struct NotifierSettings {
     /// Messages fetched per batch from the `notifier` consumer.
     #[arg(long = "notifier-batch", env = "NATTER_NOTIFIER_BATCH", default_value_t = 256)]
     pub batch: usize,
+    /// Batches of one consumer worked on at once: while one waits on
+    /// PostgreSQL or the push providers, the next is under way.
+    #[arg(long = "notifier-pipeline", env = "NATTER_NOTIFIER_PIPELINE", default_value_t = 4)]
+    pub pipeline: usize,
     /// Deliveries of one message before it is dead-lettered.
     #[arg(long = "notifier-max-deliver", env = "NATTER_NOTIFIER_MAX_DELIVER", default_value_t = 5)]
     pub max_deliver: i64,

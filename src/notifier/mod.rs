@@ -54,8 +54,10 @@ impl Notifier {
     /// Checks settings, connects to PostgreSQL and NATS, loads the push
     /// credentials and binds the health listener. Fails with a one-line reason.
     pub async fn build(settings: NotifierSettings) -> anyhow::Result<Self> {
-        if settings.batch == 0 || settings.max_deliver < 1 {
-            anyhow::bail!("NATTER_NOTIFIER_BATCH and NATTER_NOTIFIER_MAX_DELIVER must be at least 1");
+        if settings.batch == 0 || settings.pipeline == 0 || settings.max_deliver < 1 {
+            anyhow::bail!(
+                "NATTER_NOTIFIER_BATCH, NATTER_NOTIFIER_PIPELINE and NATTER_NOTIFIER_MAX_DELIVER must be at least 1"
+            );
         }
         let pushers = Pushers::from_settings(&settings.push).await?;
         let db = crate::db::connect(&settings.db).await?;
@@ -208,14 +210,17 @@ async fn metrics_text(State(h): State<Health>) -> impl IntoResponse {
 }
 
 /// Pulls from `consumer` and hands what is ready (up to a batch) to `handle`,
-/// until `stop`. `handle` acks or naks every message it gets, and may ask for a
-/// pause (e.g. PostgreSQL is down) before the next batch.
+/// up to `pipeline` batches at once, until `stop` (the batches in hand are
+/// finished first). `handle` acks or naks every message it gets, and may ask
+/// for a pause (e.g. PostgreSQL is down) before the next batch is taken.
 async fn consume<F, Fut>(shared: Arc<Shared>, consumer: PullConsumer, stop: CancellationToken, handle: F)
 where
     F: Fn(Arc<Shared>, Vec<jetstream::Message>) -> Fut,
     Fut: std::future::Future<Output = Option<Duration>>,
 {
     let batch = shared.settings.batch;
+    let pipeline = shared.settings.pipeline.max(1);
+    let mut in_hand = futures::stream::FuturesUnordered::new();
     'connect: while !stop.is_cancelled() {
         let messages = match consumer.stream().max_messages_per_batch(batch).messages().await {
             Ok(m) => m,
@@ -229,21 +234,25 @@ where
         loop {
             let chunk = tokio::select! {
                 _ = stop.cancelled() => break 'connect,
-                c = chunks.next() => c,
+                Some(wait) = in_hand.next(), if !in_hand.is_empty() => {
+                    if let Some(wait) = wait {
+                        pause(&stop, wait).await;
+                    }
+                    continue;
+                }
+                c = chunks.next(), if in_hand.len() < pipeline => c,
             };
             let Some(chunk) = chunk else { continue 'connect };
             let msgs: Vec<_> = chunk
                 .into_iter()
                 .filter_map(|m| m.map_err(|e| tracing::debug!(error = %e, "pull stream notice")).ok())
                 .collect();
-            if msgs.is_empty() {
-                continue;
-            }
-            if let Some(wait) = handle(shared.clone(), msgs).await {
-                pause(&stop, wait).await;
+            if !msgs.is_empty() {
+                in_hand.push(handle(shared.clone(), msgs));
             }
         }
     }
+    while in_hand.next().await.is_some() {}
 }
 
 async fn pause(stop: &CancellationToken, d: Duration) {
