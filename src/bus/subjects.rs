@@ -116,3 +116,19 @@ pub fn presence_keys_of(user: &UserId) -> String {
 pub fn presence_events_of(user: &UserId) -> String {
     format!("presence.evt.{user}.>")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rooms_live_subjects_are_told_apart_by_their_last_token() {
+        let room = RoomId::parse("general").unwrap();
+        assert_eq!(live_room(&room), "live.room.general.>");
+        assert_eq!(Live::of(&room_typing(&room)), Some(Live::Typing));
+        assert_eq!(Live::of(&room_event(&room)), Some(Live::Event));
+        let republished = LIVE_REPUBLISH_DEST.replace("{{wildcard(1)}}", "general");
+        assert_eq!(Live::of(&republished), Some(Live::Message));
+        assert_eq!(Live::of("live.room.general.other"), None);
+    }
+}

@@ -164,14 +164,14 @@ impl ConnHandle {
         (conn.clone(), Outbox(conn))
     }
 
-    /// Appends `out` unless the queue is full or closed.
-    fn push(&self, out: Out) -> Result<(), Refused> {
+    /// Appends `out` unless the queue is full or closed (then `out` comes back).
+    fn push(&self, out: Out) -> Result<(), (Refused, Out)> {
         let mut q = self.out.lock();
         if q.closed {
-            return Err(Refused::Closed);
+            return Err((Refused::Closed, out));
         }
         if q.items.len() >= self.capacity {
-            return Err(Refused::Full);
+            return Err((Refused::Full, out));
         }
         q.items.push_back(out);
         drop(q);
@@ -180,24 +180,17 @@ impl ConnHandle {
     }
 
     /// Appends `out`, waiting while the queue is full; `false` once closed.
-    async fn push_waiting(&self, out: Out) -> bool {
+    async fn push_waiting(&self, mut out: Out) -> bool {
         loop {
             // Registered before the check, so a slot freed in between wakes it.
             let space = self.out_space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            {
-                let mut q = self.out.lock();
-                if q.closed {
-                    return false;
-                }
-                if q.items.len() < self.capacity {
-                    q.items.push_back(out);
-                    drop(q);
-                    self.out_ready.notify_one();
-                    return true;
-                }
-            }
+            out = match self.push(out) {
+                Ok(()) => return true,
+                Err((Refused::Closed, _)) => return false,
+                Err((Refused::Full, out)) => out,
+            };
             space.await;
         }
     }
@@ -276,12 +269,12 @@ impl ConnHandle {
         }
         match self.push(Out::Frame(frame)) {
             Ok(()) => true,
-            Err(Refused::Full) => {
+            Err((Refused::Full, _)) => {
                 self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
                 self.close_now(close::SLOW_CONSUMER);
                 false
             }
-            Err(Refused::Closed) => {
+            Err((Refused::Closed, _)) => {
                 self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
                 false
             }
@@ -366,18 +359,16 @@ mod tests {
         let (c, mut rx) = conn(2, 1 << 20);
         c.send(Utf8Bytes::from_static("r1")).await;
         c.send(Utf8Bytes::from_static("r2")).await;
-        let waiting = tokio::spawn({
-            let c = c.clone();
-            async move { c.send(Utf8Bytes::from_static("r3")).await }
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert!(!waiting.is_finished(), "the queue is full: the reply waits");
-        let mut got = Vec::new();
-        for _ in 0..3 {
+        let waiting = c.send(Utf8Bytes::from_static("r3"));
+        tokio::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending(), "the queue is full: the reply waits");
+        let Some(Out::Frame(first)) = rx.recv().await else { panic!("a frame") };
+        assert!(futures::poll!(waiting.as_mut()).is_ready(), "a slot was given back");
+        let mut got = vec![first.to_string()];
+        for _ in 0..2 {
             let Some(Out::Frame(f)) = rx.recv().await else { panic!("a frame") };
             got.push(f.to_string());
         }
-        waiting.await.unwrap();
         assert_eq!(got, ["r1", "r2", "r3"]);
         assert!(!c.killed().is_cancelled(), "replies wait, they never make a slow consumer");
     }
@@ -386,13 +377,11 @@ mod tests {
     async fn a_gone_writer_releases_waiting_senders_and_refuses_frames() {
         let (c, rx) = conn(1, 1 << 20);
         c.send(Utf8Bytes::from_static("r1")).await;
-        let waiting = tokio::spawn({
-            let c = c.clone();
-            async move { c.close_after_queue(close::NORMAL, "").await }
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let waiting = c.close_after_queue(close::NORMAL, "");
+        tokio::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending(), "the queue is full: the close waits");
         drop(rx);
-        tokio::time::timeout(std::time::Duration::from_secs(1), waiting).await.expect("released").unwrap();
+        assert!(futures::poll!(waiting.as_mut()).is_ready(), "released when the writer is gone");
         assert!(!c.deliver(Utf8Bytes::from_static("m")), "nobody will write it");
         assert!(!c.killed().is_cancelled(), "a closed queue is not a slow consumer");
     }

@@ -106,8 +106,8 @@ pub async fn run(id: RoomId, deps: Arc<RoomDeps>, mut cmds: mpsc::UnboundedRecei
             },
             Some(msg) = live.next() => match subjects::Live::of(msg.subject.as_str()) {
                 Some(subjects::Live::Message) => {
-                    if let Some(msg) = room.on_live_in_order(msg) {
-                        Box::pin(room.on_live(msg)).await;
+                    if let Some((seq, prev, msg)) = room.on_live_in_order(msg) {
+                        Box::pin(room.on_live(seq, prev, msg)).await;
                     }
                     tail_check.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK_AFTER);
                     armed = true;
@@ -175,8 +175,9 @@ impl Room {
     /// The common case, without awaiting: a republished message that follows
     /// the last one delivered is delivered now. Returns the message when the
     /// stream must be read first (the room's last seq is unknown, or there
-    /// is a gap to repair): then [`Room::on_live`] takes it.
-    fn on_live_in_order(&mut self, msg: Message) -> Option<Message> {
+    /// is a gap to repair), with its sequence headers: then [`Room::on_live`]
+    /// takes it.
+    fn on_live_in_order(&mut self, msg: Message) -> Option<(u64, u64, Message)> {
         self.live_seen += 1;
         let drop_every = self.deps.drop_live_every;
         if drop_every > 0 && self.live_seen.is_multiple_of(drop_every) {
@@ -192,13 +193,13 @@ impl Room {
                 self.deliver(seq, &msg.payload);
                 None
             }
-            _ => Some(msg),
+            _ => Some((seq, prev, msg)),
         }
     }
 
-    /// A republished message that needs the stream read first.
-    async fn on_live(&mut self, msg: Message) {
-        let Some((seq, prev)) = sequence_headers(&msg) else { return };
+    /// A republished message (`seq`, after `prev` in its room) that needs
+    /// the stream read first.
+    async fn on_live(&mut self, seq: u64, prev: u64, msg: Message) {
         let Some(last) = self.init().await else {
             return;
         };

@@ -212,7 +212,8 @@ async fn metrics_text(State(h): State<Health>) -> impl IntoResponse {
 /// Pulls from `consumer` and hands what is ready (up to a batch) to `handle`,
 /// up to `pipeline` batches at once, until `stop` (the batches in hand are
 /// finished first). `handle` acks or naks every message it gets, and may ask
-/// for a pause (e.g. PostgreSQL is down) before the next batch is taken.
+/// for a pause (e.g. PostgreSQL is down) before the next batch is taken; the
+/// batches in hand go on meanwhile.
 async fn consume<F, Fut>(shared: Arc<Shared>, consumer: PullConsumer, stop: CancellationToken, handle: F)
 where
     F: Fn(Arc<Shared>, Vec<jetstream::Message>) -> Fut,
@@ -220,7 +221,10 @@ where
 {
     let batch = shared.settings.batch;
     let pipeline = shared.settings.pipeline.max(1);
-    let mut in_hand = futures::stream::FuturesUnordered::new();
+    let mut in_hand: futures::stream::FuturesUnordered<Fut> = futures::stream::FuturesUnordered::new();
+    let resume = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(resume);
+    let mut paused = false;
     'connect: while !stop.is_cancelled() {
         let messages = match consumer.stream().max_messages_per_batch(batch).messages().await {
             Ok(m) => m,
@@ -235,12 +239,18 @@ where
             let chunk = tokio::select! {
                 _ = stop.cancelled() => break 'connect,
                 Some(wait) = in_hand.next(), if !in_hand.is_empty() => {
-                    if let Some(wait) = wait {
-                        pause(&stop, wait).await;
+                    let until = wait.map(|w| tokio::time::Instant::now() + w);
+                    if let Some(until) = until.filter(|u| !paused || *u > resume.deadline()) {
+                        resume.as_mut().reset(until);
+                        paused = true;
                     }
                     continue;
                 }
-                c = chunks.next(), if in_hand.len() < pipeline => c,
+                _ = &mut resume, if paused => {
+                    paused = false;
+                    continue;
+                }
+                c = chunks.next(), if !paused && in_hand.len() < pipeline => c,
             };
             let Some(chunk) = chunk else { continue 'connect };
             let msgs: Vec<_> = chunk
