@@ -1,22 +1,29 @@
-//! One WebSocket connection: the handshake, then a reader (this task) that
-//! decodes and handles client frames, and a writer task that drains the
-//! bounded outbound queue into the socket.
+//! One WebSocket connection, in one task: the handshake, then the client's
+//! frames are read and handled while the outbound queue is written to the
+//! socket ([`Link`]). No writer task, no split socket and no timers of its
+//! own (the keepalive sweep pings, and closes idle or expired connections):
+//! an idle connection is this task, its socket and its queue.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    pin::pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt, stream::SplitSink};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use futures::{SinkExt, StreamExt};
 
 use super::{
     AppState,
+    keepalive::Keepalive,
     outbound::{ConnHandle, Out, Outbox, close},
     protocol::{self, ClientFrame, ServerFrame},
 };
 use crate::{
-    auth::{AuthError, Identity, unix_now},
+    auth::{AuthError, Identity},
     bus::presence::Status,
     bus::{
         directget, envelope,
@@ -33,38 +40,23 @@ use super::users::UserEvent;
 /// Frames coalesced into one socket write.
 const WRITE_BATCH: usize = 64;
 
-/// Runs one upgraded socket to its end. The socket is split before the
-/// connection's future starts, so that future does not keep a slot for the
-/// unsplit socket (368 bytes, for the connection's whole life).
-pub fn serve(
-    state: AppState,
-    socket: WebSocket,
-    bearer: Option<String>,
-    ip: std::net::IpAddr,
-) -> impl Future<Output = ()> + Send {
-    let (sink, stream) = socket.split();
-    serve_split(state, sink, stream, bearer, ip)
-}
+/// How long a closing connection may take to write what is left and read
+/// the client's close.
+const CLOSING: Duration = Duration::from_secs(3);
 
-async fn serve_split(
-    state: AppState,
-    sink: SplitSink<WebSocket, Message>,
-    mut stream: Reader,
-    bearer: Option<String>,
-    ip: std::net::IpAddr,
-) {
-    let identity = match Box::pin(handshake(&state, &mut stream, bearer)).await {
+/// Runs one upgraded socket to its end.
+pub async fn serve(state: AppState, mut ws: WebSocket, bearer: Option<String>, ip: std::net::IpAddr) {
+    let identity = match Box::pin(handshake(&state, &mut ws, bearer)).await {
         Ok(id) => id,
         Err(reason) => {
-            let mut sink = sink;
             let frame = ServerFrame::Error {
                 code: Code::Unauthorized,
                 reference: "hello",
                 message: &reason,
                 retry_after_ms: None,
             };
-            let _ = sink.send(Message::Text(frame.encode())).await;
-            let _ = sink.send(close_msg(close::UNAUTHORIZED, "unauthorized")).await;
+            let _ = ws.send(Message::Text(frame.encode())).await;
+            let _ = ws.send(close_msg(close::UNAUTHORIZED, "unauthorized")).await;
             return;
         }
     };
@@ -73,34 +65,29 @@ async fn serve_split(
     let _slot = match state.limits.admit(&identity.user, ip) {
         Ok(slot) => slot,
         Err(e) => {
-            let mut sink = sink;
             let frame = ServerFrame::Error {
                 code: e.code,
                 reference: "hello",
                 message: &e.message,
                 retry_after_ms: e.retry_after_ms,
             };
-            let _ = sink.send(Message::Text(frame.encode())).await;
-            let _ = sink.send(close_msg(close::ABUSE, "too many connections")).await;
+            let _ = ws.send(Message::Text(frame.encode())).await;
+            let _ = ws.send(close_msg(close::ABUSE, "too many connections")).await;
             return;
         }
     };
 
     let session = uuid::Uuid::new_v4().simple().to_string();
-    let max_bytes = state.settings.outbound_bytes;
-    let metrics = state.metrics.clone();
     let (conn, rx) = ConnHandle::new(
         state.next_conn_id(),
         session,
         identity.user.clone(),
-        state.settings.outbound_queue,
-        max_bytes,
-        metrics,
+        (state.settings.outbound_queue, state.settings.outbound_bytes),
+        Some(Keepalive::new(identity.exp)),
+        state.metrics.clone(),
     );
     state.metrics.connections.inc();
-    let timing =
-        WriterTiming { heartbeat: state.settings.heartbeat, drain_spread: state.settings.drain_window.mul_f32(0.6) };
-    let writer = tokio::spawn(write_loop(sink, rx, conn.clone(), state.shutdown.clone(), timing));
+    let mut link = Link { ws, rx, conn: conn.clone(), write: Write::Open, unflushed: false };
     conn.send(
         ServerFrame::Welcome {
             user: conn.user.as_str(),
@@ -114,38 +101,23 @@ async fn serve_split(
 
     state.presence.session_started(&conn.user, conn.id);
     state.users.register(&conn);
+    // Registered after the shutdown's last sweep: closed here.
+    if state.shutdown.is_cancelled() {
+        conn.close_now(close::RESTARTING);
+    }
 
     let mut session = Session {
         state: &state,
         conn: conn.clone(),
-        exp: identity.exp,
         rooms: HashSet::new(),
         typing_in: HashSet::new(),
         watching: HashSet::new(),
         limits: state.limits.connection(),
-        last_heard: Instant::now(),
         linger: false,
     };
-    session.run(&mut stream).await;
+    session.run(&mut link).await;
     Box::pin(session.finish()).await;
-    // Let the writer flush what is queued (an error frame, a close code),
-    // but never wait long on a client that does not read. Meanwhile keep
-    // reading (and dropping) what the client still sends until its close: a
-    // socket closed with unread input is reset, and the client would miss
-    // our close code.
-    let mut writer = writer;
-    let closing = async {
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close_after_queue(close::NORMAL, "")).await;
-        if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
-            conn.close_now(close::NORMAL);
-            let _ = (&mut writer).await;
-        }
-    };
-    let discard = async { while let Some(Ok(_)) = stream.next().await {} };
-    let _ = tokio::time::timeout(Duration::from_secs(3), futures::future::join(closing, discard)).await;
-    if !writer.is_finished() {
-        writer.abort();
-    }
+    link.close().await;
     if session.linger {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -153,14 +125,12 @@ async fn serve_split(
     state.metrics.closed(conn.close_code());
 }
 
-type Reader = futures::stream::SplitStream<WebSocket>;
-
 /// Waits for `hello` (or uses the upgrade's bearer token).
-async fn handshake(state: &AppState, stream: &mut Reader, bearer: Option<String>) -> Result<Identity, String> {
+async fn handshake(state: &AppState, ws: &mut WebSocket, bearer: Option<String>) -> Result<Identity, String> {
     let token = match bearer {
         Some(t) => t,
         None => {
-            let first = tokio::time::timeout(state.settings.hello_timeout, stream.next())
+            let first = tokio::time::timeout(state.settings.hello_timeout, ws.next())
                 .await
                 .map_err(|_| "no hello in time".to_owned())?;
             let text = match first {
@@ -183,101 +153,166 @@ fn close_msg(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
 }
 
-struct WriterTiming {
-    heartbeat: Duration,
-    /// On shutdown, the 1012 close comes after a random delay up to this.
-    drain_spread: Duration,
+/// The write side of a [`Link`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Open,
+    /// Closed at once: what is left of the queue (the frames telling an
+    /// abusive client why, or nothing), then a close frame with this code.
+    Closing(u16),
+    /// A close frame went out, or the socket failed: nothing more is written.
+    Done,
 }
 
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut rx: Outbox,
+/// The socket and the queue that feeds it, both driven by the connection's
+/// task: frames are written while the client's are read and handled.
+struct Link {
+    ws: WebSocket,
+    rx: Outbox,
     conn: Arc<ConnHandle>,
-    shutdown: CancellationToken,
-    timing: WriterTiming,
-) {
-    let heartbeat = timing.heartbeat;
-    let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    // Until shutdown: never. Then: this connection's random moment in the drain window.
-    let restart = async {
-        shutdown.cancelled().await;
-        let jitter = timing.drain_spread.mul_f64(rand::random::<f64>());
-        tokio::time::sleep(jitter).await;
-    };
-    tokio::pin!(restart);
-    loop {
-        tokio::select! {
-            biased;
-            _ = conn.killed().cancelled() => {
-                let code = conn.close_code();
-                if code == close::ABUSE {
-                    // The client should learn why: pass on the frames already
-                    // queued (its rate_limited errors), briefly.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), flush_queued(&mut sink, &mut rx, &conn)).await;
-                }
-                let _ = sink.send(close_msg(code, reason_of(code))).await;
-                break;
-            }
-            _ = &mut restart => {
-                let _ = sink.send(close_msg(close::RESTARTING, "gateway restarting")).await;
-                conn.close_now(close::RESTARTING);
-                break;
-            }
-            out = rx.recv() => {
-                let Some(out) = out else { break };
-                if write_batch(&mut sink, out, &mut rx, &conn).await.is_err() {
-                    conn.close_now(close::NORMAL);
-                    break;
-                }
-            }
-            _ = ping.tick() => {
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
-                    conn.close_now(close::NORMAL);
-                    break;
-                }
-            }
-        }
-    }
+    write: Write,
+    /// Frames handed to the socket and not flushed yet.
+    unflushed: bool,
 }
 
-/// Writes the frames queued so far (the queue is bounded; so is the caller's wait).
-async fn flush_queued(sink: &mut SplitSink<WebSocket, Message>, rx: &mut Outbox, conn: &ConnHandle) {
-    while let Some(Out::Frame(f)) = rx.try_recv() {
-        conn.dequeued(f.len());
-        if sink.feed(Message::Text(f)).await.is_err() {
-            return;
+impl Link {
+    /// Writes what is queued, up to a batch per flush. `Ready` once the
+    /// write side is done; `Pending` while it waits for frames or for the
+    /// socket (and for a close at once, which wakes it too).
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.write == Write::Done {
+            return Poll::Ready(());
         }
+        self.rx.register(cx);
+        if self.write == Write::Open && self.conn.is_killed() {
+            let code = self.conn.close_code();
+            // Senders waiting for room go on; an abusive client still
+            // learns why from the frames already queued.
+            self.rx.close(code != close::ABUSE);
+            self.write = Write::Closing(code);
+        }
+        let mut fed = 0;
+        while fed < WRITE_BATCH {
+            match self.ws.poll_ready_unpin(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return self.write_failed(),
+                Poll::Pending => return Poll::Pending,
+            }
+            let next = match self.write {
+                Write::Closing(_) => self.rx.try_recv(),
+                _ => match self.rx.poll_recv(cx) {
+                    Poll::Ready(Some(out)) => Some(out),
+                    Poll::Ready(None) => {
+                        // Closed at once since the check above.
+                        let code = self.conn.close_code();
+                        self.rx.close(code != close::ABUSE);
+                        self.write = Write::Closing(code);
+                        continue;
+                    }
+                    Poll::Pending => None,
+                },
+            };
+            let msg = match (next, self.write) {
+                (Some(Out::Frame(f)), _) => {
+                    self.conn.dequeued(f.len());
+                    Message::Text(f)
+                }
+                (Some(Out::Ping), _) => Message::Ping(Bytes::new()),
+                (Some(Out::Close(code, reason)), _) => {
+                    self.conn.close_now(code);
+                    self.write = Write::Closing(code);
+                    close_msg(code, reason)
+                }
+                (None, Write::Closing(code)) => close_msg(code, reason_of(code)),
+                (None, _) => break,
+            };
+            let is_close = matches!(msg, Message::Close(_));
+            if self.ws.start_send_unpin(msg).is_err() {
+                return self.write_failed();
+            }
+            self.unflushed = true;
+            fed += 1;
+            if is_close {
+                self.write = Write::Done;
+                break;
+            }
+        }
+        if self.unflushed {
+            match self.ws.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(_)) => return self.write_failed(),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.write == Write::Done {
+            return Poll::Ready(());
+        }
+        if fed == WRITE_BATCH {
+            // More may be queued: go on after the other tasks had a turn.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
     }
-    let _ = sink.flush().await;
-}
 
-/// Writes `first` and whatever else is queued (up to a batch) with one flush.
-async fn write_batch(
-    sink: &mut SplitSink<WebSocket, Message>,
-    first: Out,
-    rx: &mut Outbox,
-    conn: &ConnHandle,
-) -> Result<(), axum::Error> {
-    let mut next = Some(first);
-    let mut n = 0;
-    while let Some(out) = next.take() {
-        match out {
-            Out::Frame(f) => {
-                conn.dequeued(f.len());
-                sink.feed(Message::Text(f)).await?
-            }
-            Out::Close(code, reason) => {
-                sink.send(close_msg(code, reason)).await?;
-                conn.close_now(code);
-                return Err(axum::Error::new("closed"));
-            }
-        }
-        n += 1;
-        if n < WRITE_BATCH {
-            next = rx.try_recv();
-        }
+    fn write_failed(&mut self) -> Poll<()> {
+        self.conn.close_now(close::NORMAL);
+        self.rx.close(true);
+        self.write = Write::Done;
+        Poll::Ready(())
     }
-    sink.flush().await
+
+    /// The client's next frame, writing meanwhile; `None` once the
+    /// connection was closed at once or its write side is done.
+    async fn next(&mut self) -> Option<Result<Message, axum::Error>> {
+        std::future::poll_fn(|cx| {
+            if self.poll_out(cx).is_ready() || self.write != Write::Open {
+                return Poll::Ready(None);
+            }
+            self.ws.poll_next_unpin(cx)
+        })
+        .await
+    }
+
+    /// Runs `work` (a frame's handling) to its end, writing meanwhile: its
+    /// replies may wait for room in the queue.
+    async fn drive<T>(&mut self, work: impl Future<Output = T>) -> T {
+        let mut work = pin!(work);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(v) = work.as_mut().poll(cx) {
+                return Poll::Ready(v);
+            }
+            if self.poll_out(cx).is_ready() {
+                // Nothing more will be written: senders waiting for room go on.
+                self.rx.close(true);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Ends the connection: what is queued and a close frame go out (1000,
+    /// unless closed at once with another code), and what the client still
+    /// sends is read and dropped until its close — a socket closed with
+    /// unread input is reset, and the client would miss the close code.
+    /// Bounded by [`CLOSING`], for clients that do not read.
+    async fn close(&mut self) {
+        if !self.conn.is_killed() {
+            self.conn.close_last(close::NORMAL, "");
+        }
+        let mut read_done = false;
+        let closing = std::future::poll_fn(|cx| {
+            let written = self.poll_out(cx).is_ready();
+            while !read_done {
+                match self.ws.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(_))) => {}
+                    Poll::Ready(_) => read_done = true,
+                    Poll::Pending => break,
+                }
+            }
+            if written && read_done { Poll::Ready(()) } else { Poll::Pending }
+        });
+        let _ = tokio::time::timeout(CLOSING, closing).await;
+    }
 }
 
 fn reason_of(code: u16) -> &'static str {
@@ -297,81 +332,72 @@ fn reason_of(code: u16) -> &'static str {
 struct Session<'a> {
     state: &'a AppState,
     conn: Arc<ConnHandle>,
-    exp: u64,
     rooms: HashSet<RoomId>,
     /// Rooms where this connection last said it is typing.
     typing_in: HashSet<RoomId>,
     /// Users whose presence this connection watches.
     watching: HashSet<UserId>,
     limits: super::limits::ConnLimits,
-    /// When the client last sent anything (a frame or a pong).
-    last_heard: Instant,
     /// The read side failed with input left unread: wait a little before
     /// dropping the socket, so that the close frame reaches the client.
     linger: bool,
 }
 
 impl Session<'_> {
-    async fn run(&mut self, stream: &mut Reader) {
+    async fn run(&mut self, link: &mut Link) {
         loop {
-            let expiry = tokio::time::sleep(Duration::from_secs(self.exp.saturating_sub(unix_now())));
-            let idle = tokio::time::sleep_until(self.last_heard + self.state.settings.idle_timeout);
             let frame = tokio::select! {
                 biased;
-                _ = self.conn.killed().cancelled() => return,
                 ev = self.conn.next_event() => {
-                    if !Box::pin(self.user_event(ev)).await {
+                    if !link.drive(Box::pin(self.user_event(ev))).await {
                         return;
                     }
                     continue;
                 }
-                _ = expiry => {
-                    self.error(Code::Unauthorized, "token", "token expired").await;
-                    self.conn.close_after_queue(close::UNAUTHORIZED, "token expired").await;
-                    return;
-                }
-                _ = idle => {
-                    tracing::debug!(conn = self.conn.id, "idle timeout");
-                    self.conn.close_now(close::IDLE);
-                    return;
-                }
-                f = stream.next() => f,
+                f = link.next() => match f {
+                    Some(f) => f,
+                    None => return,
+                },
             };
-            self.last_heard = Instant::now();
+            if let Some(k) = self.conn.keepalive() {
+                k.heard();
+            }
             match frame {
-                Some(Ok(Message::Text(text))) => {
+                Ok(Message::Text(text)) => {
                     // Boxed: a frame's handling (database, NATS) is a large
                     // future; inline, every idle connection would carry its
                     // size (heaptrack: the task was most of an idle
                     // connection's memory).
-                    if !Box::pin(self.handle_text(&text)).await {
+                    if !link.drive(Box::pin(self.handle_text(&text))).await {
                         return;
                     }
                 }
-                Some(Ok(Message::Binary(_))) => {
-                    self.error(Code::BadRequest, "frame", "binary frames are not supported; send JSON text").await
+                Ok(Message::Binary(_)) => {
+                    let e = self.error(Code::BadRequest, "frame", "binary frames are not supported; send JSON text");
+                    link.drive(e).await
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Close(_))) | None => return,
-                Some(Err(e)) => {
+                Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                Ok(Message::Close(_)) => return,
+                Err(e) => {
                     tracing::debug!(conn = self.conn.id, error = %e, "socket read failed");
                     // An oversized or invalid frame ends the read side: tell the
                     // client if we still can, and linger so that the close frame
                     // is read before the socket (with unread input) is reset.
                     let inner = e.into_inner();
-                    match inner.downcast_ref::<tungstenite::Error>() {
-                        Some(tungstenite::Error::Capacity(_)) => {
-                            self.error(Code::TooLarge, "frame", "frame too large").await;
-                            self.conn.close_after_queue(close::TOO_BIG, "frame too large").await;
-                            self.linger = true;
-                        }
+                    let (code, reason, message) = match inner.downcast_ref::<tungstenite::Error>() {
+                        Some(tungstenite::Error::Capacity(_)) => (close::TOO_BIG, "frame too large", "frame too large"),
                         Some(tungstenite::Error::Utf8(_)) => {
-                            self.error(Code::BadRequest, "frame", "text frame is not valid UTF-8").await;
-                            self.conn.close_after_queue(close::INVALID_DATA, "invalid UTF-8").await;
-                            self.linger = true;
+                            (close::INVALID_DATA, "invalid UTF-8", "text frame is not valid UTF-8")
                         }
-                        _ => {}
-                    }
+                        _ => return,
+                    };
+                    let code_of = if code == close::TOO_BIG { Code::TooLarge } else { Code::BadRequest };
+                    link.drive(async {
+                        self.error(code_of, "frame", message).await;
+                        self.conn.close_after_queue(code, reason).await;
+                    })
+                    .await;
+                    self.linger = true;
                     return;
                 }
             }
@@ -412,6 +438,13 @@ impl Session<'_> {
                 if session.is_none_or(|s| s == self.conn.session) {
                     self.error(Code::Unauthorized, "session", "session revoked").await;
                     self.conn.close_after_queue(close::UNAUTHORIZED, "session revoked").await;
+                    return false;
+                }
+            }
+            UserEvent::TokenExpired => {
+                if self.conn.keepalive().is_some_and(|k| k.expired()) {
+                    self.error(Code::Unauthorized, "token", "token expired").await;
+                    self.conn.close_after_queue(close::UNAUTHORIZED, "token expired").await;
                     return false;
                 }
             }
@@ -654,7 +687,9 @@ impl Session<'_> {
     async fn refresh(&mut self, token: &str) -> bool {
         match self.state.verifier.verify(token) {
             Ok(id) if id.user == self.conn.user => {
-                self.exp = id.exp;
+                if let Some(k) = self.conn.keepalive() {
+                    k.set_exp(id.exp);
+                }
                 self.conn.send(ServerFrame::Refreshed { exp: id.exp }.encode()).await;
                 true
             }

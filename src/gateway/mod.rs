@@ -12,6 +12,7 @@ pub mod connection;
 pub mod dev;
 pub mod http;
 pub mod hub;
+pub mod keepalive;
 pub mod limits;
 pub mod membership;
 pub mod metrics;
@@ -159,6 +160,12 @@ impl Gateway {
             next_conn: Arc::new(AtomicU64::new(1)),
         }));
         tokio::spawn(resync_on_reconnect(reconnects, state.hub.clone(), state.presence.clone()));
+        let timing = keepalive::Timing {
+            heartbeat: state.settings.heartbeat,
+            idle_timeout: state.settings.idle_timeout,
+            drain_spread: state.settings.drain_window.mul_f32(0.6),
+        };
+        tokio::spawn(keepalive::run(state.users.clone(), timing, state.shutdown.clone()));
         tokio::spawn(forget_idle_keys(state.limits.clone(), state.typing_limit.clone(), state.shutdown.clone()));
         Ok(Self { listener, state })
     }

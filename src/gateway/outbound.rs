@@ -3,23 +3,28 @@
 //! queue makes the client a slow consumer (close 4008; it resumes from its
 //! last seq and loses nothing).
 //!
-//! The queue is a `VecDeque` under a lock with two `Notify`s, not a tokio
-//! channel: a bounded channel allocates its first block of 32 slots and its
-//! shared state up front (~1.5 KiB per connection in heaptrack), while an
-//! empty `VecDeque` holds nothing and shrinks back after a burst.
+//! The queue is a `VecDeque` under a lock with a waker for its one reader and
+//! a `Notify` for senders waiting for room, not a tokio channel: a bounded
+//! channel allocates its first block of 32 slots and its shared state up
+//! front (~1.5 KiB per connection in heaptrack), while an empty `VecDeque`
+//! holds nothing and shrinks back after a burst. Closing a connection is an
+//! atomic close code and a wake of that reader, not a `CancellationToken`
+//! (a shared tree node per connection).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU16, AtomicUsize, Ordering},
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicU16, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
 };
 
 use axum::extract::ws::Utf8Bytes;
-use std::collections::VecDeque;
-
+use futures::task::AtomicWaker;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
-use super::{metrics::Metrics, users::UserEvent};
+use super::{keepalive::Keepalive, metrics::Metrics, users::UserEvent};
 use crate::ids::UserId;
 
 /// Close codes of the protocol.
@@ -44,6 +49,8 @@ const KEEP_SLOTS: usize = 16;
 
 pub enum Out {
     Frame(Utf8Bytes),
+    /// A WebSocket ping (the keepalive sweep's heartbeat).
+    Ping,
     /// Close after the frames queued before it.
     Close(u16, &'static str),
 }
@@ -55,8 +62,9 @@ pub struct ConnHandle {
     pub user: UserId,
     /// The frames for the writer, bounded by `capacity`.
     out: parking_lot::Mutex<Queue>,
-    /// Something was queued (the writer waits on it).
-    out_ready: Notify,
+    /// The writer: woken when something is queued or the connection is
+    /// closed at once.
+    out_waker: AtomicWaker,
     /// A full queue gave a slot back (`send` waits on it).
     out_space: Notify,
     capacity: usize,
@@ -65,8 +73,12 @@ pub struct ConnHandle {
     /// 32 slots up front, ~1.8 KiB per connection for something rarely used.
     events: parking_lot::Mutex<VecDeque<UserEvent>>,
     events_ready: Notify,
-    kill: CancellationToken,
+    /// 0 while open; the close code once closed at once (or once the
+    /// writer sent a queued close).
     close_code: AtomicU16,
+    /// Liveness and token expiry, read by the keepalive sweep (WebSocket
+    /// connections; an SSE stream keeps its own).
+    keepalive: Option<Keepalive>,
     /// Bytes of the frames in the queue, and their bound.
     queued_bytes: AtomicUsize,
     max_bytes: usize,
@@ -92,19 +104,45 @@ enum Refused {
 pub struct Outbox(Arc<ConnHandle>);
 
 impl Outbox {
-    /// The next item, waiting for one; `None` once the queue is closed.
+    /// The next item, waiting for one; `None` once the queue is closed or
+    /// the connection closed at once.
     pub async fn recv(&mut self) -> Option<Out> {
-        loop {
-            if let Some(out) = self.try_recv() {
-                return Some(out);
-            }
-            if self.0.out.lock().closed {
-                return None;
-            }
-            // A permit stored by `notify_one` while nobody waited is taken
-            // here, so a frame queued since `try_recv` is not missed.
-            self.0.out_ready.notified().await;
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`Outbox::recv`] as a poll: `Pending` registers the task's waker.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Out>> {
+        if self.0.is_killed() {
+            return Poll::Ready(None);
         }
+        self.0.out_waker.register(cx.waker());
+        match self.try_recv() {
+            Some(out) => Poll::Ready(Some(out)),
+            None if self.0.out.lock().closed || self.0.is_killed() => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Registers the task's waker to be woken when the connection is closed
+    /// at once (as [`Outbox::poll_recv`] does when it waits).
+    pub fn register(&self, cx: &mut Context<'_>) {
+        self.0.out_waker.register(cx.waker());
+    }
+
+    /// Refuses further frames and lets waiting senders go on; what is
+    /// queued can still be taken. `drop_queued` drops it as well.
+    pub fn close(&mut self, drop_queued: bool) {
+        let mut q = self.0.out.lock();
+        q.closed = true;
+        if drop_queued {
+            for out in std::mem::take(&mut q.items) {
+                if let Out::Frame(f) = out {
+                    self.0.dequeued(f.len());
+                }
+            }
+        }
+        drop(q);
+        self.0.out_space.notify_waiters();
     }
 
     /// The next item if one is queued.
@@ -126,11 +164,7 @@ impl Outbox {
 
 impl Drop for Outbox {
     fn drop(&mut self) {
-        let mut q = self.0.out.lock();
-        q.closed = true;
-        q.items = VecDeque::new();
-        drop(q);
-        self.0.out_space.notify_waiters();
+        self.close(true);
     }
 }
 
@@ -141,8 +175,8 @@ impl ConnHandle {
         id: u64,
         session: String,
         user: UserId,
-        capacity: usize,
-        max_bytes: usize,
+        (capacity, max_bytes): (usize, usize),
+        keepalive: Option<Keepalive>,
         metrics: Arc<Metrics>,
     ) -> (Arc<Self>, Outbox) {
         let conn = Arc::new(Self {
@@ -150,13 +184,13 @@ impl ConnHandle {
             session,
             user,
             out: parking_lot::Mutex::new(Queue::default()),
-            out_ready: Notify::new(),
+            out_waker: AtomicWaker::new(),
             out_space: Notify::new(),
             capacity: capacity.max(1),
             events: parking_lot::Mutex::new(VecDeque::new()),
             events_ready: Notify::new(),
-            kill: CancellationToken::new(),
             close_code: AtomicU16::new(0),
+            keepalive,
             queued_bytes: AtomicUsize::new(0),
             max_bytes,
             metrics,
@@ -175,7 +209,7 @@ impl ConnHandle {
         }
         q.items.push_back(out);
         drop(q);
-        self.out_ready.notify_one();
+        self.out_waker.wake();
         Ok(())
     }
 
@@ -298,14 +332,35 @@ impl ConnHandle {
         self.push_waiting(Out::Close(code, reason)).await;
     }
 
+    /// Queues a close after what is already queued, even past the queue's
+    /// bound (the connection is ending: nothing more follows it).
+    pub fn close_last(&self, code: u16, reason: &'static str) {
+        let mut q = self.out.lock();
+        if !q.closed {
+            q.items.push_back(Out::Close(code, reason));
+        }
+        drop(q);
+        self.out_waker.wake();
+    }
+
+    /// Queues a ping unless the queue is full (then frames are flowing).
+    pub fn ping(&self) {
+        let _ = self.push(Out::Ping);
+    }
+
     /// Closes at once with `code` (the first code set wins).
     pub fn close_now(&self, code: u16) {
         let _ = self.close_code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
-        self.kill.cancel();
+        self.out_waker.wake();
     }
 
-    pub fn killed(&self) -> &CancellationToken {
-        &self.kill
+    /// Whether the connection was closed at once (or its writer sent a close).
+    pub fn is_killed(&self) -> bool {
+        self.close_code.load(Ordering::Acquire) != 0
+    }
+
+    pub fn keepalive(&self) -> Option<&Keepalive> {
+        self.keepalive.as_ref()
     }
 
     pub fn close_code(&self) -> u16 {
@@ -322,7 +377,7 @@ mod tests {
 
     fn conn(frames: usize, bytes: usize) -> (Arc<ConnHandle>, Outbox) {
         let metrics = Arc::new(Metrics::default());
-        ConnHandle::new(1, "s".into(), UserId::parse("u").unwrap(), frames, bytes, metrics)
+        ConnHandle::new(1, "s".into(), UserId::parse("u").unwrap(), (frames, bytes), None, metrics)
     }
 
     #[test]
@@ -333,7 +388,7 @@ mod tests {
         assert!(c.deliver(Utf8Bytes::from_static("m2")), "half full now");
         assert!(!c.deliver_ephemeral(Utf8Bytes::from_static("typing")), "dropped, not queued");
         assert!(c.deliver(Utf8Bytes::from_static("m3")), "messages still fit");
-        assert!(!c.killed().is_cancelled());
+        assert!(!c.is_killed());
         assert!(!c.deliver(Utf8Bytes::from_static("m4")), "the queue is full");
         assert_eq!(c.close_code(), close::SLOW_CONSUMER);
         let mut got = Vec::new();
@@ -370,7 +425,7 @@ mod tests {
             got.push(f.to_string());
         }
         assert_eq!(got, ["r1", "r2", "r3"]);
-        assert!(!c.killed().is_cancelled(), "replies wait, they never make a slow consumer");
+        assert!(!c.is_killed(), "replies wait, they never make a slow consumer");
     }
 
     #[tokio::test]
@@ -383,6 +438,6 @@ mod tests {
         drop(rx);
         assert!(futures::poll!(waiting.as_mut()).is_ready(), "released when the writer is gone");
         assert!(!c.deliver(Utf8Bytes::from_static("m")), "nobody will write it");
-        assert!(!c.killed().is_cancelled(), "a closed queue is not a slow consumer");
+        assert!(!c.is_killed(), "a closed queue is not a slow consumer");
     }
 }

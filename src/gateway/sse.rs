@@ -139,8 +139,8 @@ impl SseConn {
             state.next_conn_id(),
             session,
             user.clone(),
-            s.outbound_queue,
-            s.outbound_bytes,
+            (s.outbound_queue, s.outbound_bytes),
+            None,
             state.metrics.clone(),
         );
         state.metrics.connections.inc();
@@ -194,7 +194,6 @@ impl Live {
             let far = Instant::now() + Duration::from_secs(86_400);
             tokio::select! {
                 biased;
-                _ = conn.handle.killed().cancelled() => return None,
                 _ = tokio::time::sleep_until(self.restart_at.unwrap_or(far)), if self.restart_at.is_some() => return None,
                 _ = conn.state.shutdown.cancelled(), if self.restart_at.is_none() => {
                     let spread = conn.state.settings.drain_window.mul_f32(0.6);
@@ -213,6 +212,7 @@ impl Live {
                             return Some(event);
                         }
                     }
+                    Some(Out::Ping) => {}
                     Some(Out::Close(..)) | None => return None,
                 },
             }
@@ -225,7 +225,7 @@ fn ends_stream(ev: &UserEvent, room: &RoomId, session: &str) -> bool {
     match ev {
         UserEvent::RoomRemoved { room: r, .. } => r == room,
         UserEvent::SessionRevoked { session: s } => s.as_deref().is_none_or(|s| s == session),
-        UserEvent::RoomAdded { .. } => false,
+        UserEvent::RoomAdded { .. } | UserEvent::TokenExpired => false,
     }
 }
 

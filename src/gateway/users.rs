@@ -35,6 +35,10 @@ pub enum UserEvent {
     SessionRevoked {
         session: Option<String>,
     },
+    /// Not from NATS: the keepalive sweep's word to one connection that its
+    /// token expired (it closes with 4001 unless refreshed meanwhile).
+    #[serde(skip)]
+    TokenExpired,
 }
 
 pub struct Users {
@@ -78,6 +82,24 @@ impl Users {
                 map.remove(&conn.user);
             }
         }
+    }
+
+    /// Calls `f` on every connection here, under the registry's lock.
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<ConnHandle>)) {
+        for conns in self.map.lock().values() {
+            conns.values().for_each(&mut f);
+        }
+    }
+
+    /// The connections here that `keep` keeps.
+    pub fn collect(&self, keep: impl Fn(&ConnHandle) -> bool) -> Vec<Arc<ConnHandle>> {
+        let mut out = Vec::new();
+        self.for_each(|c| {
+            if keep(c) {
+                out.push(c.clone());
+            }
+        });
+        out
     }
 
     fn dispatch(&self, user: &UserId, ev: UserEvent) {
