@@ -44,8 +44,10 @@ const WRITE_BATCH: usize = 64;
 /// the client's close.
 const CLOSING: Duration = Duration::from_secs(3);
 
-/// Runs one upgraded socket to its end.
-pub async fn serve(state: AppState, mut ws: WebSocket, bearer: Option<String>, ip: std::net::IpAddr) {
+/// Runs one upgraded socket to its end. The socket comes boxed: an async
+/// fn keeps its arguments apart from its locals, and a socket by value
+/// (368 bytes) was held three times over in this future.
+pub async fn serve(state: AppState, mut ws: Box<WebSocket>, bearer: Option<String>, ip: std::net::IpAddr) {
     let identity = match Box::pin(handshake(&state, &mut ws, bearer)).await {
         Ok(id) => id,
         Err(reason) => {
@@ -126,7 +128,7 @@ pub async fn serve(state: AppState, mut ws: WebSocket, bearer: Option<String>, i
 }
 
 /// Waits for `hello` (or uses the upgrade's bearer token).
-async fn handshake(state: &AppState, ws: &mut WebSocket, bearer: Option<String>) -> Result<Identity, String> {
+async fn handshake(state: &AppState, ws: &mut Box<WebSocket>, bearer: Option<String>) -> Result<Identity, String> {
     let token = match bearer {
         Some(t) => t,
         None => {
@@ -167,7 +169,7 @@ enum Write {
 /// The socket and the queue that feeds it, both driven by the connection's
 /// task: frames are written while the client's are read and handled.
 struct Link {
-    ws: WebSocket,
+    ws: Box<WebSocket>,
     rx: Outbox,
     conn: Arc<ConnHandle>,
     write: Write,
@@ -191,67 +193,71 @@ impl Link {
             self.rx.close(code != close::ABUSE);
             self.write = Write::Closing(code);
         }
-        let mut fed = 0;
-        while fed < WRITE_BATCH {
-            match self.ws.poll_ready_unpin(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(_)) => return self.write_failed(),
-                Poll::Pending => return Poll::Pending,
-            }
-            let next = match self.write {
-                Write::Closing(_) => self.rx.try_recv(),
-                _ => match self.rx.poll_recv(cx) {
-                    Poll::Ready(Some(out)) => Some(out),
-                    Poll::Ready(None) => {
-                        // Closed at once since the check above.
-                        let code = self.conn.close_code();
-                        self.rx.close(code != close::ABUSE);
-                        self.write = Write::Closing(code);
-                        continue;
+        // Batches of up to WRITE_BATCH frames, one flush each, until the
+        // queue is empty or the socket is full. No yield after a batch: a
+        // writer that gives way while a room keeps queueing falls behind it
+        // (tokio's budget still makes a long run yield to other tasks).
+        loop {
+            let mut fed = 0;
+            while fed < WRITE_BATCH {
+                match self.ws.poll_ready_unpin(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return self.write_failed(),
+                    Poll::Pending => return Poll::Pending,
+                }
+                let next = match self.write {
+                    Write::Closing(_) => self.rx.try_recv(),
+                    _ => match self.rx.poll_recv(cx) {
+                        Poll::Ready(Some(out)) => Some(out),
+                        Poll::Ready(None) => {
+                            // Closed at once since the check above.
+                            let code = self.conn.close_code();
+                            self.rx.close(code != close::ABUSE);
+                            self.write = Write::Closing(code);
+                            continue;
+                        }
+                        Poll::Pending => None,
+                    },
+                };
+                let msg = match (next, self.write) {
+                    (Some(Out::Frame(f)), _) => {
+                        self.conn.dequeued(f.len());
+                        Message::Text(f)
                     }
-                    Poll::Pending => None,
-                },
-            };
-            let msg = match (next, self.write) {
-                (Some(Out::Frame(f)), _) => {
-                    self.conn.dequeued(f.len());
-                    Message::Text(f)
+                    (Some(Out::Ping), _) => Message::Ping(Bytes::new()),
+                    (Some(Out::Close(code, reason)), _) => {
+                        self.conn.close_now(code);
+                        self.write = Write::Closing(code);
+                        close_msg(code, reason)
+                    }
+                    (None, Write::Closing(code)) => close_msg(code, reason_of(code)),
+                    (None, _) => break,
+                };
+                let is_close = matches!(msg, Message::Close(_));
+                if self.ws.start_send_unpin(msg).is_err() {
+                    return self.write_failed();
                 }
-                (Some(Out::Ping), _) => Message::Ping(Bytes::new()),
-                (Some(Out::Close(code, reason)), _) => {
-                    self.conn.close_now(code);
-                    self.write = Write::Closing(code);
-                    close_msg(code, reason)
+                self.unflushed = true;
+                fed += 1;
+                if is_close {
+                    self.write = Write::Done;
+                    break;
                 }
-                (None, Write::Closing(code)) => close_msg(code, reason_of(code)),
-                (None, _) => break,
-            };
-            let is_close = matches!(msg, Message::Close(_));
-            if self.ws.start_send_unpin(msg).is_err() {
-                return self.write_failed();
             }
-            self.unflushed = true;
-            fed += 1;
-            if is_close {
-                self.write = Write::Done;
-                break;
+            if self.unflushed {
+                match self.ws.poll_flush_unpin(cx) {
+                    Poll::Ready(Ok(())) => self.unflushed = false,
+                    Poll::Ready(Err(_)) => return self.write_failed(),
+                    Poll::Pending => return Poll::Pending,
+                }
             }
-        }
-        if self.unflushed {
-            match self.ws.poll_flush_unpin(cx) {
-                Poll::Ready(Ok(())) => self.unflushed = false,
-                Poll::Ready(Err(_)) => return self.write_failed(),
-                Poll::Pending => return Poll::Pending,
+            if self.write == Write::Done {
+                return Poll::Ready(());
+            }
+            if fed < WRITE_BATCH {
+                return Poll::Pending;
             }
         }
-        if self.write == Write::Done {
-            return Poll::Ready(());
-        }
-        if fed == WRITE_BATCH {
-            // More may be queued: go on after the other tasks had a turn.
-            cx.waker().wake_by_ref();
-        }
-        Poll::Pending
     }
 
     fn write_failed(&mut self) -> Poll<()> {
@@ -373,8 +379,10 @@ impl Session<'_> {
                     }
                 }
                 Ok(Message::Binary(_)) => {
+                    // Boxed, as every rarely taken path that awaits: inline,
+                    // each would add its size to every connection.
                     let e = self.error(Code::BadRequest, "frame", "binary frames are not supported; send JSON text");
-                    link.drive(e).await
+                    link.drive(Box::pin(e)).await
                 }
                 Ok(Message::Ping(_) | Message::Pong(_)) => {}
                 Ok(Message::Close(_)) => return,
@@ -392,10 +400,10 @@ impl Session<'_> {
                         _ => return,
                     };
                     let code_of = if code == close::TOO_BIG { Code::TooLarge } else { Code::BadRequest };
-                    link.drive(async {
+                    link.drive(Box::pin(async {
                         self.error(code_of, "frame", message).await;
                         self.conn.close_after_queue(code, reason).await;
-                    })
+                    }))
                     .await;
                     self.linger = true;
                     return;

@@ -51,7 +51,7 @@ pub async fn upgrade(
         .max_write_buffer_size(max.saturating_mul(4).max(256 * 1024))
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tracker.track_future(connection::serve(state, socket, bearer, ip)))
+        .on_upgrade(move |socket| tracker.track_future(connection::serve(state, Box::new(socket), bearer, ip)))
 }
 
 /// `allowed` is the comma-separated allow-list; empty allows every origin.

@@ -187,6 +187,17 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout_a_talking_one_is_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_pings_every_heartbeat_and_a_silent_client_answering_them_outlives_the_idle_timeout() {
+    let s = Stack::with(&["--idle-timeout", "1s", "--heartbeat", "250ms"], &[]).await;
+    let mut quiet = Client::connect(s.gw1.addr, "alice").await;
+    let (pings, closed) = quiet.pings_within(Duration::from_millis(2500)).await;
+    assert_eq!(closed, None, "its pongs count as heard");
+    assert!((6..=16).contains(&pings), "about one ping per heartbeat in 2.5 s: {pings}");
+    quiet.send(json!({"type": "ping"})).await;
+    assert_eq!(quiet.expect("pong").await["type"], "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_expiring_on_a_live_connection_closes_it_4001_unless_refreshed() {
     let s = Stack::start().await;
     let short = |user: &str, secs: u64| {

@@ -83,6 +83,23 @@ impl Client {
         }
     }
 
+    /// Reads for `t` (answering pings, as WebSocket clients do): the pings
+    /// seen, and the close code if the server closed meanwhile. Panics on a
+    /// data frame.
+    pub async fn pings_within(&mut self, t: Duration) -> (usize, Option<Option<u16>>) {
+        let until = tokio::time::Instant::now() + t;
+        let mut pings = 0;
+        loop {
+            match tokio::time::timeout_at(until, self.ws.next()).await {
+                Err(_) => return (pings, None),
+                Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+                Ok(Some(Ok(Message::Close(f)))) => return (pings, Some(f.map(|f| u16::from(f.code)))),
+                Ok(None | Some(Err(_))) => return (pings, Some(None)),
+                Ok(Some(Ok(m))) => panic!("{}: unexpected frame {m:?}", self.user),
+            }
+        }
+    }
+
     /// Reads until the close frame and returns its code.
     pub async fn expect_close(&mut self) -> Option<u16> {
         loop {
