@@ -10,7 +10,7 @@ mod archive;
 mod deliver;
 pub mod metrics;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use async_nats::jetstream::{
@@ -213,7 +213,7 @@ async fn metrics_text(State(h): State<Health>) -> impl IntoResponse {
 /// up to `pipeline` batches at once, until `stop` (the batches in hand are
 /// finished first). `handle` acks or naks every message it gets, and may ask
 /// for a pause (e.g. PostgreSQL is down) before the next batch is taken; the
-/// batches in hand go on meanwhile.
+/// batches in hand go on meanwhile, and while the pull is set up again.
 async fn consume<F, Fut>(shared: Arc<Shared>, consumer: PullConsumer, stop: CancellationToken, handle: F)
 where
     F: Fn(Arc<Shared>, Vec<jetstream::Message>) -> Fut,
@@ -221,16 +221,14 @@ where
 {
     let batch = shared.settings.batch;
     let pipeline = shared.settings.pipeline.max(1);
-    let mut in_hand: futures::stream::FuturesUnordered<Fut> = futures::stream::FuturesUnordered::new();
-    let resume = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(resume);
-    let mut paused = false;
+    let mut in_hand = InHand::new();
     'connect: while !stop.is_cancelled() {
-        let messages = match consumer.stream().max_messages_per_batch(batch).messages().await {
+        let pull = consumer.stream().max_messages_per_batch(batch).messages();
+        let messages = match in_hand.alongside(pull).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot pull from the consumer; retrying");
-                pause(&stop, Duration::from_secs(1)).await;
+                in_hand.alongside(pause(&stop, Duration::from_secs(1))).await;
                 continue;
             }
         };
@@ -238,19 +236,15 @@ where
         loop {
             let chunk = tokio::select! {
                 _ = stop.cancelled() => break 'connect,
-                Some(wait) = in_hand.next(), if !in_hand.is_empty() => {
-                    let until = wait.map(|w| tokio::time::Instant::now() + w);
-                    if let Some(until) = until.filter(|u| !paused || *u > resume.deadline()) {
-                        resume.as_mut().reset(until);
-                        paused = true;
-                    }
+                Some(wait) = in_hand.futs.next(), if !in_hand.futs.is_empty() => {
+                    in_hand.pause_for(wait);
                     continue;
                 }
-                _ = &mut resume, if paused => {
-                    paused = false;
+                _ = &mut in_hand.resume, if in_hand.paused => {
+                    in_hand.paused = false;
                     continue;
                 }
-                c = chunks.next(), if !paused && in_hand.len() < pipeline => c,
+                c = chunks.next(), if !in_hand.paused && in_hand.futs.len() < pipeline => c,
             };
             let Some(chunk) = chunk else { continue 'connect };
             let msgs: Vec<_> = chunk
@@ -258,11 +252,50 @@ where
                 .filter_map(|m| m.map_err(|e| tracing::debug!(error = %e, "pull stream notice")).ok())
                 .collect();
             if !msgs.is_empty() {
-                in_hand.push(handle(shared.clone(), msgs));
+                in_hand.futs.push(handle(shared.clone(), msgs));
             }
         }
     }
-    while in_hand.next().await.is_some() {}
+    while in_hand.futs.next().await.is_some() {}
+}
+
+/// The batches a consumer loop is working on, and the pause one of them
+/// asked for.
+struct InHand<Fut> {
+    futs: futures::stream::FuturesUnordered<Fut>,
+    /// When the next batch may be taken, if `paused`.
+    resume: Pin<Box<tokio::time::Sleep>>,
+    paused: bool,
+}
+
+impl<Fut: std::future::Future<Output = Option<Duration>>> InHand<Fut> {
+    fn new() -> Self {
+        Self {
+            futs: futures::stream::FuturesUnordered::new(),
+            resume: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            paused: false,
+        }
+    }
+
+    /// A batch is done; `wait` is the pause it asks for (the later one wins).
+    fn pause_for(&mut self, wait: Option<Duration>) {
+        let until = wait.map(|w| tokio::time::Instant::now() + w);
+        if let Some(until) = until.filter(|u| !self.paused || *u > self.resume.deadline()) {
+            self.resume.as_mut().reset(until);
+            self.paused = true;
+        }
+    }
+
+    /// Runs `fut` while the batches in hand go on.
+    async fn alongside<T>(&mut self, fut: impl std::future::Future<Output = T>) -> T {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                Some(wait) = self.futs.next(), if !self.futs.is_empty() => self.pause_for(wait),
+            }
+        }
+    }
 }
 
 async fn pause(stop: &CancellationToken, d: Duration) {
