@@ -89,7 +89,8 @@ pub async fn serve(state: AppState, mut ws: Box<WebSocket>, bearer: Option<Strin
         state.metrics.clone(),
     );
     state.metrics.connections.inc();
-    let mut link = Link { ws, rx, conn: conn.clone(), write: Write::Open, unflushed: false };
+    let read_waker = std::task::Waker::from(conn.clone());
+    let mut link = Link { ws, rx, conn: conn.clone(), read_waker, write: Write::Open, unflushed: false };
     conn.send(
         ServerFrame::Welcome {
             user: conn.user.as_str(),
@@ -172,6 +173,9 @@ struct Link {
     ws: Box<WebSocket>,
     rx: Outbox,
     conn: Arc<ConnHandle>,
+    /// The waker the socket's read side is polled with (the connection's
+    /// handle: it marks the read side ready, then wakes this task).
+    read_waker: std::task::Waker,
     write: Write,
     /// Frames handed to the socket and not flushed yet.
     unflushed: bool,
@@ -274,9 +278,27 @@ impl Link {
             if self.poll_out(cx).is_ready() || self.write != Write::Open {
                 return Poll::Ready(None);
             }
-            self.ws.poll_next_unpin(cx)
+            self.poll_read()
         })
         .await
+    }
+
+    /// Polls the socket's read side if it was woken since it last came up
+    /// empty: most wakes of a busy connection are for frames to write, and
+    /// a read attempt each time cost ~3 % of the gateway's CPU in fan-out.
+    /// (`poll_out` has registered this task's waker, which the read side's
+    /// waker wakes.)
+    fn poll_read(&mut self) -> Poll<Option<Result<Message, axum::Error>>> {
+        if !self.conn.take_read_ready() {
+            return Poll::Pending;
+        }
+        let mut cx = Context::from_waker(&self.read_waker);
+        let polled = self.ws.poll_next_unpin(&mut cx);
+        if polled.is_ready() {
+            // More may be buffered: look again next time.
+            self.conn.set_read_ready();
+        }
+        polled
     }
 
     /// Runs `work` (a frame's handling) to its end, writing meanwhile: its

@@ -15,9 +15,9 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc,
-        atomic::{AtomicU16, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Wake},
 };
 
 use axum::extract::ws::Utf8Bytes;
@@ -65,6 +65,9 @@ pub struct ConnHandle {
     /// The writer: woken when something is queued or the connection is
     /// closed at once.
     out_waker: AtomicWaker,
+    /// The socket may have something to read: set when the waker its read
+    /// side was polled with (this handle, see `Wake`) is woken.
+    read_ready: AtomicBool,
     /// A full queue gave a slot back (`send` waits on it).
     out_space: Notify,
     capacity: usize,
@@ -168,7 +171,32 @@ impl Drop for Outbox {
     }
 }
 
+/// A connection's handle is the waker its socket's read side is polled
+/// with: a wake marks the read side ready and wakes the connection's task
+/// (the same task as the writer). So a wake for queued frames does not
+/// also poll the socket for input that cannot be there.
+impl Wake for ConnHandle {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.read_ready.store(true, Ordering::Release);
+        self.out_waker.wake();
+    }
+}
+
 impl ConnHandle {
+    /// Whether the socket's read side may have input, clearing the mark.
+    pub fn take_read_ready(&self) -> bool {
+        self.read_ready.swap(false, Ordering::AcqRel)
+    }
+
+    /// Marks the read side as worth polling (input may still be buffered).
+    pub fn set_read_ready(&self) {
+        self.read_ready.store(true, Ordering::Release);
+    }
+
     /// The connection's handle and its writer's end of the queue, which
     /// holds up to `capacity` items and `max_bytes` bytes of frames.
     pub fn new(
@@ -185,6 +213,7 @@ impl ConnHandle {
             user,
             out: parking_lot::Mutex::new(Queue::default()),
             out_waker: AtomicWaker::new(),
+            read_ready: AtomicBool::new(true),
             out_space: Notify::new(),
             capacity: capacity.max(1),
             events: parking_lot::Mutex::new(VecDeque::new()),
