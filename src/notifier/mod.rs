@@ -391,3 +391,39 @@ fn keep_alive(nats: &async_nats::Client, batch: &[&Delivery], ack_wait: Duration
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Batch = Pin<Box<dyn std::future::Future<Output = Option<Duration>> + Send>>;
+
+    #[tokio::test]
+    async fn the_batches_in_hand_go_on_while_the_pull_is_set_up_again() {
+        let mut in_hand: InHand<Batch> = InHand::new();
+        let (done, ran) = tokio::sync::oneshot::channel::<()>();
+        in_hand.futs.push(Box::pin(async move {
+            let _ = done.send(());
+            Some(Duration::from_secs(5))
+        }));
+        // The "pull" only completes once the batch in hand has run.
+        let pull = async move { ran.await.is_ok() };
+        let finished = tokio::time::timeout(Duration::from_secs(5), in_hand.alongside(pull)).await;
+        assert_eq!(finished.ok(), Some(true), "the batch ran while the pull waited");
+        assert!(in_hand.futs.is_empty());
+        assert!(in_hand.paused, "the pause the batch asked for is kept");
+    }
+
+    #[tokio::test]
+    async fn of_two_pauses_asked_for_the_later_end_wins() {
+        let mut in_hand: InHand<Batch> = InHand::new();
+        in_hand.pause_for(Some(Duration::from_secs(10)));
+        let first = in_hand.resume.deadline();
+        in_hand.pause_for(Some(Duration::from_secs(1)));
+        assert_eq!(in_hand.resume.deadline(), first, "a shorter pause does not cut a longer one");
+        in_hand.pause_for(None);
+        assert!(in_hand.paused);
+        in_hand.pause_for(Some(Duration::from_secs(20)));
+        assert!(in_hand.resume.deadline() > first);
+    }
+}
