@@ -19,6 +19,7 @@ use futures::{SinkExt, StreamExt};
 use super::{
     AppState,
     keepalive::Keepalive,
+    limits::ConnSlot,
     outbound::{ConnHandle, Out, Outbox, close},
     protocol::{self, ClientFrame, ServerFrame},
 };
@@ -46,9 +47,29 @@ const CLOSING: Duration = Duration::from_secs(3);
 
 /// Runs one upgraded socket to its end. The socket comes boxed: an async
 /// fn keeps its arguments apart from its locals, and a socket by value
-/// (368 bytes) was held three times over in this future.
-pub async fn serve(state: AppState, mut ws: Box<WebSocket>, bearer: Option<String>, ip: std::net::IpAddr) {
-    let identity = match Box::pin(handshake(&state, &mut ws, bearer)).await {
+/// (368 bytes) was held three times over in this future. The opening runs
+/// boxed and apart, so what it needs (the hello, the token's claims) is not
+/// kept for the connection's life either.
+pub async fn serve(state: AppState, ws: Box<WebSocket>, bearer: Option<String>, ip: std::net::IpAddr) {
+    // `let … else`, not `if let`: the scrutinee of an `if let` would be
+    // kept for the whole body, the connection's life.
+    // Held until the connection ends: its place in the per-user / per-IP
+    // counts. `link` and `conn` stay here and are lent: an async fn moves
+    // its arguments into locals, and owned they would be held twice.
+    let Some((mut link, conn, _slot)) = Box::pin(open(&state, ws, bearer, ip)).await else { return };
+    connected(&state, &mut link, &conn).await;
+}
+
+/// The handshake: `hello` (or the upgrade's bearer token), the connection
+/// limits, the welcome, and the connection's registration. `None` when the
+/// client was refused (told why, and closed).
+async fn open(
+    state: &AppState,
+    mut ws: Box<WebSocket>,
+    bearer: Option<String>,
+    ip: std::net::IpAddr,
+) -> Option<(Link, Arc<ConnHandle>, ConnSlot)> {
+    let identity = match handshake(state, &mut ws, bearer).await {
         Ok(id) => id,
         Err(reason) => {
             let frame = ServerFrame::Error {
@@ -59,12 +80,12 @@ pub async fn serve(state: AppState, mut ws: Box<WebSocket>, bearer: Option<Strin
             };
             let _ = ws.send(Message::Text(frame.encode())).await;
             let _ = ws.send(close_msg(close::UNAUTHORIZED, "unauthorized")).await;
-            return;
+            return None;
         }
     };
 
     // Held until the connection ends: its place in the per-user / per-IP counts.
-    let _slot = match state.limits.admit(&identity.user, ip) {
+    let slot = match state.limits.admit(&identity.user, ip) {
         Ok(slot) => slot,
         Err(e) => {
             let frame = ServerFrame::Error {
@@ -75,7 +96,7 @@ pub async fn serve(state: AppState, mut ws: Box<WebSocket>, bearer: Option<Strin
             };
             let _ = ws.send(Message::Text(frame.encode())).await;
             let _ = ws.send(close_msg(close::ABUSE, "too many connections")).await;
-            return;
+            return None;
         }
     };
 
@@ -90,7 +111,7 @@ pub async fn serve(state: AppState, mut ws: Box<WebSocket>, bearer: Option<Strin
     );
     state.metrics.connections.inc();
     let read_waker = std::task::Waker::from(conn.clone());
-    let mut link = Link { ws, rx, conn: conn.clone(), read_waker, write: Write::Open, unflushed: false };
+    let link = Link { ws, rx, conn: conn.clone(), read_waker, write: Write::Open, unflushed: false };
     conn.send(
         ServerFrame::Welcome {
             user: conn.user.as_str(),
@@ -108,9 +129,13 @@ pub async fn serve(state: AppState, mut ws: Box<WebSocket>, bearer: Option<Strin
     if state.shutdown.is_cancelled() {
         conn.close_now(close::RESTARTING);
     }
+    Some((link, conn, slot))
+}
 
+/// The connection's life after the welcome, to its close.
+async fn connected(state: &AppState, link: &mut Link, conn: &Arc<ConnHandle>) {
     let mut session = Session {
-        state: &state,
+        state,
         conn: conn.clone(),
         rooms: HashSet::new(),
         typing_in: HashSet::new(),
@@ -118,7 +143,7 @@ pub async fn serve(state: AppState, mut ws: Box<WebSocket>, bearer: Option<Strin
         limits: state.limits.connection(),
         linger: false,
     };
-    session.run(&mut link).await;
+    session.run(link).await;
     Box::pin(session.finish()).await;
     link.close().await;
     if session.linger {
@@ -129,7 +154,7 @@ pub async fn serve(state: AppState, mut ws: Box<WebSocket>, bearer: Option<Strin
 }
 
 /// Waits for `hello` (or uses the upgrade's bearer token).
-async fn handshake(state: &AppState, ws: &mut Box<WebSocket>, bearer: Option<String>) -> Result<Identity, String> {
+async fn handshake(state: &AppState, ws: &mut WebSocket, bearer: Option<String>) -> Result<Identity, String> {
     let token = match bearer {
         Some(t) => t,
         None => {
