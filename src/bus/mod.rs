@@ -21,6 +21,10 @@ use crate::config::NatsSettings;
 /// messages sent meanwhile may be lost (room tails and presence are re-read).
 pub type Reconnects = tokio::sync::watch::Receiver<u64>;
 
+/// The request timeout for creating or updating streams and buckets at
+/// start (the default, 5 s, is for the requests of normal work).
+pub const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Connects to NATS, failing within a few seconds when no server answers.
 /// Once connected the client reconnects by itself forever.
 pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<(async_nats::Client, Reconnects)> {
