@@ -21,9 +21,15 @@ use crate::config::NatsSettings;
 /// messages sent meanwhile may be lost (room tails and presence are re-read).
 pub type Reconnects = tokio::sync::watch::Receiver<u64>;
 
-/// The request timeout for creating or updating streams and buckets at
-/// start (the default, 5 s, is for the requests of normal work).
-pub const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// `js` for creating or updating streams and buckets at start: a cluster
+/// still placing replicas can answer after a request's default 5 s (seen:
+/// the presence bucket, three nodes on two busy cores). The handles kept
+/// for normal work come from `js` itself, with the default.
+pub fn for_setup(js: &async_nats::jetstream::Context) -> async_nats::jetstream::Context {
+    let mut setup = js.clone();
+    setup.set_timeout(std::time::Duration::from_secs(30));
+    setup
+}
 
 /// Connects to NATS, failing within a few seconds when no server answers.
 /// Once connected the client reconnects by itself forever.

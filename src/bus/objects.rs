@@ -36,12 +36,12 @@ pub fn attachments_config(s: &NatsSettings) -> Config {
 /// for the same configuration; a bucket that exists with another one (e.g.
 /// created by an operator) is used as it is.
 pub async fn ensure_attachments(js: &jetstream::Context, s: &NatsSettings) -> anyhow::Result<ObjectStore> {
-    match js.create_object_store(attachments_config(s)).await {
-        Ok(store) => Ok(store),
-        Err(create) => js.get_object_store(ATTACHMENTS_BUCKET).await.with_context(|| {
-            format!("cannot create ({create}) or open the {ATTACHMENTS_BUCKET:?} object store (is JetStream enabled?)")
-        }),
-    }
+    // Created (or found) with the setup timeout, opened with the default.
+    let created = super::for_setup(js).create_object_store(attachments_config(s)).await.err();
+    js.get_object_store(ATTACHMENTS_BUCKET).await.with_context(|| match created {
+        Some(create) => format!("cannot create ({create}) or open the {ATTACHMENTS_BUCKET:?} object store"),
+        None => format!("cannot open the {ATTACHMENTS_BUCKET:?} object store (is JetStream enabled?)"),
+    })
 }
 
 /// The metadata stored with an attachment.

@@ -54,7 +54,8 @@ pub async fn ensure_bucket(js: &jetstream::Context, s: &NatsSettings) -> anyhow:
         limit_markers: Some(MARKER_TTL),
         ..Default::default()
     };
-    js.create_or_update_key_value(config)
+    super::for_setup(js)
+        .create_or_update_key_value(config)
         .await
         .context("cannot create or update the presence bucket (needs nats-server >= 2.11)")?;
     Ok(())

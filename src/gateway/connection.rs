@@ -51,13 +51,12 @@ const CLOSING: Duration = Duration::from_secs(3);
 /// boxed and apart, so what it needs (the hello, the token's claims) is not
 /// kept for the connection's life either.
 pub async fn serve(state: AppState, ws: Box<WebSocket>, bearer: Option<String>, ip: std::net::IpAddr) {
-    // `let … else`, not `if let`: the scrutinee of an `if let` would be
-    // kept for the whole body, the connection's life.
-    // Held until the connection ends: its place in the per-user / per-IP
-    // counts. `link` and `conn` stay here and are lent: an async fn moves
-    // its arguments into locals, and owned they would be held twice.
-    let Some((mut link, conn, _slot)) = Box::pin(open(&state, ws, bearer, ip)).await else { return };
-    connected(&state, &mut link, &conn).await;
+    // `let … else`, not `if let`: an `if let`'s scrutinee would be kept for
+    // the whole body, the connection's life. `_slot` (the connection's place
+    // in the per-user / per-IP counts) is held to the end; `link` is lent,
+    // as an async fn moves its arguments into locals and would hold it twice.
+    let Some((mut link, _slot)) = Box::pin(open(&state, ws, bearer, ip)).await else { return };
+    connected(&state, &mut link).await;
 }
 
 /// The handshake: `hello` (or the upgrade's bearer token), the connection
@@ -68,34 +67,19 @@ async fn open(
     mut ws: Box<WebSocket>,
     bearer: Option<String>,
     ip: std::net::IpAddr,
-) -> Option<(Link, Arc<ConnHandle>, ConnSlot)> {
+) -> Option<(Link, ConnSlot)> {
     let identity = match handshake(state, &mut ws, bearer).await {
         Ok(id) => id,
         Err(reason) => {
-            let frame = ServerFrame::Error {
-                code: Code::Unauthorized,
-                reference: "hello",
-                message: &reason,
-                retry_after_ms: None,
-            };
-            let _ = ws.send(Message::Text(frame.encode())).await;
-            let _ = ws.send(close_msg(close::UNAUTHORIZED, "unauthorized")).await;
+            let e = ApiError::new(Code::Unauthorized, reason);
+            refuse(&mut ws, e, close_msg(close::UNAUTHORIZED, "unauthorized")).await;
             return None;
         }
     };
-
-    // Held until the connection ends: its place in the per-user / per-IP counts.
     let slot = match state.limits.admit(&identity.user, ip) {
         Ok(slot) => slot,
         Err(e) => {
-            let frame = ServerFrame::Error {
-                code: e.code,
-                reference: "hello",
-                message: &e.message,
-                retry_after_ms: e.retry_after_ms,
-            };
-            let _ = ws.send(Message::Text(frame.encode())).await;
-            let _ = ws.send(close_msg(close::ABUSE, "too many connections")).await;
+            refuse(&mut ws, e, close_msg(close::ABUSE, "too many connections")).await;
             return None;
         }
     };
@@ -129,11 +113,20 @@ async fn open(
     if state.shutdown.is_cancelled() {
         conn.close_now(close::RESTARTING);
     }
-    Some((link, conn, slot))
+    Some((link, slot))
+}
+
+/// Answers a refused opening with the error frame, then `close`.
+async fn refuse(ws: &mut WebSocket, e: ApiError, close: Message) {
+    let frame =
+        ServerFrame::Error { code: e.code, reference: "hello", message: &e.message, retry_after_ms: e.retry_after_ms };
+    let _ = ws.send(Message::Text(frame.encode())).await;
+    let _ = ws.send(close).await;
 }
 
 /// The connection's life after the welcome, to its close.
-async fn connected(state: &AppState, link: &mut Link, conn: &Arc<ConnHandle>) {
+async fn connected(state: &AppState, link: &mut Link) {
+    let conn = link.conn.clone();
     let mut session = Session {
         state,
         conn: conn.clone(),

@@ -109,20 +109,9 @@ impl Gateway {
         let (nats, mut reconnects) = bus::connect(&settings.nats, &format!("natter-gateway-{node}")).await?;
         reconnects.mark_unchanged();
         let js = jetstream::new(nats.clone());
-        // Creating replicated streams and buckets can take longer than a
-        // request's default 5 s while a cluster is still placing them (seen:
-        // the presence bucket, three nodes on two busy cores). Setup asks
-        // with a longer timeout; what the gateway keeps uses the default.
-        let mut setup = js.clone();
-        setup.set_timeout(bus::SETUP_TIMEOUT);
-        bus::streams::ensure_chat(&setup, &settings.nats).await?;
-        bus::presence::ensure_bucket(&setup, &settings.nats).await?;
-        bus::objects::ensure_attachments(&setup, &settings.nats).await?;
-        let stream = js.get_stream(bus::subjects::CHAT_STREAM).await.context("cannot open the CHAT stream")?;
-        let attachments = js
-            .get_object_store(bus::subjects::ATTACHMENTS_BUCKET)
-            .await
-            .context("cannot open the attachments object store")?;
+        let stream = bus::streams::ensure_chat(&js, &settings.nats).await?;
+        bus::presence::ensure_bucket(&js, &settings.nats).await?;
+        let attachments = bus::objects::ensure_attachments(&js, &settings.nats).await?;
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;

@@ -119,10 +119,10 @@ impl Outbox {
             return Poll::Ready(None);
         }
         self.0.out_waker.register(cx.waker());
-        match self.try_recv() {
-            Some(out) => Poll::Ready(Some(out)),
-            None if self.0.out.lock().closed || self.0.is_killed() => Poll::Ready(None),
-            None => Poll::Pending,
+        match self.take() {
+            (Some(out), _) => Poll::Ready(Some(out)),
+            (None, closed) if closed || self.0.is_killed() => Poll::Ready(None),
+            (None, _) => Poll::Pending,
         }
     }
 
@@ -150,18 +150,25 @@ impl Outbox {
 
     /// The next item if one is queued.
     pub fn try_recv(&mut self) -> Option<Out> {
+        self.take().0
+    }
+
+    /// The next item if one is queued, and whether the queue is closed,
+    /// under one lock.
+    fn take(&self) -> (Option<Out>, bool) {
         let conn = &self.0;
         let mut q = conn.out.lock();
         let was_full = q.items.len() >= conn.capacity;
-        let out = q.items.pop_front()?;
+        let out = q.items.pop_front();
         if q.items.is_empty() && q.items.capacity() > KEEP_SLOTS {
             q.items.shrink_to(KEEP_SLOTS);
         }
+        let closed = q.closed;
         drop(q);
-        if was_full {
+        if was_full && out.is_some() {
             conn.out_space.notify_waiters();
         }
-        Some(out)
+        (out, closed)
     }
 }
 
