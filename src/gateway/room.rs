@@ -10,7 +10,8 @@ use std::{collections::HashMap, sync::Arc};
 use async_nats::{Client, Message, jetstream::stream::Stream};
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use futures::channel::mpsc;
+use tokio::sync::oneshot;
 
 use super::outbound::{ConnHandle, close};
 use crate::{
@@ -80,7 +81,7 @@ pub async fn run(id: RoomId, deps: Arc<RoomDeps>, mut cmds: mpsc::UnboundedRecei
         Ok(s) => s,
         Err(e) => {
             tracing::error!(room = %id, error = %e, "cannot subscribe to room");
-            while let Some(cmd) = cmds.recv().await {
+            while let Some(cmd) = cmds.next().await {
                 if let RoomCmd::Join { reply, .. } = cmd {
                     let _ = reply.send(Err(ReadError::Nats(e.to_string())));
                 }
@@ -100,7 +101,7 @@ pub async fn run(id: RoomId, deps: Arc<RoomDeps>, mut cmds: mpsc::UnboundedRecei
     loop {
         tokio::select! {
             biased;
-            cmd = cmds.recv() => match cmd {
+            cmd = cmds.next() => match cmd {
                 Some(cmd) => Box::pin(room.command(cmd)).await,
                 None => break,
             },

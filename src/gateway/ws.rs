@@ -51,7 +51,13 @@ pub async fn upgrade(
         .max_write_buffer_size(max.saturating_mul(4).max(256 * 1024))
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tracker.track_future(connection::serve(state, Box::new(socket), bearer, ip)))
+        .on_upgrade(move |socket| {
+            // A task of its own: axum's upgrade task keeps its captures (the
+            // config, callback and protocol, 176 bytes) for as long as the
+            // future it awaits, which would be the connection's whole life.
+            tracker.spawn(connection::serve(state, Box::new(socket), bearer, ip));
+            std::future::ready(())
+        })
 }
 
 /// `allowed` is the comma-separated allow-list; empty allows every origin.
