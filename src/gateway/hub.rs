@@ -3,8 +3,8 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use parking_lot::Mutex;
 use futures::channel::mpsc;
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::{

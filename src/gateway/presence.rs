@@ -46,7 +46,9 @@ pub struct View {
 
 #[derive(Default)]
 struct Local {
-    sessions: HashMap<u64, Status>,
+    /// (connection id, status) of each session here: one or a few, so a
+    /// `Vec` (a map's first insert allocates four buckets).
+    sessions: Vec<(u64, Status)>,
     /// Bumped by every change, so a stale grace timer does nothing.
     generation: u64,
     published: Option<(Status, u32)>,
@@ -152,7 +154,7 @@ impl Presence {
     }
 
     fn local_entry(l: &Local) -> Entry {
-        let status = l.sessions.values().copied().max().unwrap_or(Status::Offline);
+        let status = l.sessions.iter().map(|&(_, s)| s).max().unwrap_or(Status::Offline);
         Entry { status, sessions: l.sessions.len() as u32, last_seen: now_ms() }
     }
 
@@ -168,7 +170,7 @@ impl Presence {
     pub fn session_started(&self, user: &UserId, conn_id: u64) {
         let mut st = self.state.lock();
         let l = st.local.entry(user.clone()).or_default();
-        l.sessions.insert(conn_id, Status::Online);
+        l.sessions.push((conn_id, Status::Online));
         l.generation += 1;
         self.publish_if_changed(user, l);
     }
@@ -176,7 +178,7 @@ impl Presence {
     pub fn set_status(&self, user: &UserId, conn_id: u64, status: Status) {
         let mut st = self.state.lock();
         if let Some(l) = st.local.get_mut(user)
-            && let Some(s) = l.sessions.get_mut(&conn_id)
+            && let Some((_, s)) = l.sessions.iter_mut().find(|(id, _)| *id == conn_id)
         {
             *s = status;
             l.generation += 1;
@@ -189,7 +191,7 @@ impl Presence {
     pub fn session_ended(self: &Arc<Self>, user: &UserId, conn_id: u64) {
         let mut st = self.state.lock();
         let Some(l) = st.local.get_mut(user) else { return };
-        l.sessions.remove(&conn_id);
+        l.sessions.retain(|&(id, _)| id != conn_id);
         l.generation += 1;
         if !l.sessions.is_empty() {
             self.publish_if_changed(user, l);

@@ -17,8 +17,11 @@ use crate::error::{ApiError, Code};
 /// Initial read buffer of a socket. Chat frames are small; a bigger frame
 /// grows the buffer as needed. Every idle connection holds this much (the
 /// 4 KiB it was showed in heaptrack as the largest single per-connection
-/// allocation; then 1 KiB, the largest once the others were cut).
-const READ_BUFFER: usize = 512;
+/// allocation; then 1 KiB and 512 bytes, each the largest once the others
+/// were cut). The cost: tungstenite reads at most this much per read call,
+/// so a frame of n bytes takes about n/256 reads (a 2 KiB message 8, the
+/// 64 KiB maximum 256); most chat frames fit in one.
+const READ_BUFFER: usize = 256;
 
 pub async fn upgrade(
     State(state): State<AppState>,
