@@ -94,19 +94,35 @@ pub async fn delete_many(pool: &PgPool, devices: &[(Platform, String)]) -> sqlx:
     .rows_affected())
 }
 
-/// Records a successful push for these devices.
+/// How often at most a device's `last_ok` is written.
+pub const LAST_OK_EVERY_SECS: i32 = 60;
+
+/// Records a successful push for these devices, at most once every
+/// [`LAST_OK_EVERY_SECS`] per device. It never waits on another
+/// transaction: a device row that a concurrent batch holds (another replica
+/// marking the same device) is skipped, as that batch marks it. Waiting
+/// there made replicas queue behind each other and deadlock (PostgreSQL
+/// breaks a deadlock after a second): with two notifier replicas pushing to
+/// the same devices, a run of 20 000 pushes took 3–12 s instead of 1 s.
 pub async fn mark_ok(pool: &PgPool, devices: &[(Platform, String)]) -> sqlx::Result<()> {
-    if devices.is_empty() {
+    let mut keys: Vec<(&str, &str)> = devices.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    if keys.is_empty() {
         return Ok(());
     }
-    let platforms: Vec<&str> = devices.iter().map(|(p, _)| p.as_str()).collect();
-    let tokens: Vec<&str> = devices.iter().map(|(_, t)| t.as_str()).collect();
+    let (platforms, tokens): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
     sqlx::query(
-        "UPDATE devices d SET last_ok = now() FROM unnest($1::text[], $2::text[]) AS t(p, k)
-         WHERE d.platform = t.p AND d.token = t.k",
+        "UPDATE devices d SET last_ok = now()
+         FROM (SELECT x.platform, x.token FROM devices x
+               JOIN unnest($1::text[], $2::text[]) AS t(p, k) ON x.platform = t.p AND x.token = t.k
+               WHERE x.last_ok IS NULL OR x.last_ok < now() - make_interval(secs => $3)
+               FOR UPDATE OF x SKIP LOCKED) s
+         WHERE d.platform = s.platform AND d.token = s.token",
     )
     .bind(&platforms)
     .bind(&tokens)
+    .bind(LAST_OK_EVERY_SECS)
     .execute(pool)
     .await?;
     Ok(())

@@ -212,7 +212,7 @@ async fn process(shared: &Shared, jobs: &[Job]) -> anyhow::Result<Vec<bool>> {
         tracing::warn!(error = %e, "cannot delete invalid devices (next push will try again)");
     }
     if let Err(e) = db::devices::mark_ok(db, &ok).await {
-        tracing::debug!(error = %e, "cannot record last_ok of devices");
+        tracing::warn!(error = %e, "cannot record last_ok of devices");
     }
     let max = shared.settings.max_deliver;
     Ok(jobs.iter().enumerate().map(|(i, j)| sent[i] > 0 && failed[i] == sent[i] && j.d.delivered < max).collect())

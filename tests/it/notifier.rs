@@ -397,3 +397,45 @@ async fn pushes_for_image_messages_say_photo_with_the_caption() {
         .collect();
     assert_eq!(bodies, HashSet::from(["📷 Photo".to_owned(), "📷 Photo: at the beach".to_owned()]));
 }
+
+/// Two replicas mark the same devices after their pushes. The write must not
+/// wait on a row another batch holds (waiting made replicas queue behind
+/// each other and deadlock), and writes a device at most once a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marking_devices_ok_skips_a_row_another_batch_holds_and_writes_each_device_once_a_minute() {
+    use natter::{db::devices, ids::UserId, push::Platform};
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    let bob = UserId::parse("bob").unwrap();
+    for token in ["tok-a", "tok-b"] {
+        devices::register(&pool, &bob, Platform::Fcm, token, None).await.unwrap();
+    }
+    let marked = |pool: sqlx::PgPool| async move {
+        sqlx::query_as::<_, (String, Option<f64>)>(
+            "SELECT token, extract(epoch FROM last_ok)::float8 FROM devices ORDER BY token",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    // Another batch holds tok-a's row.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM devices WHERE token = 'tok-a' FOR UPDATE").execute(&mut *other).await.unwrap();
+    let both: Vec<(Platform, String)> =
+        ["tok-b", "tok-a", "tok-b"].iter().map(|t| (Platform::Fcm, t.to_string())).collect();
+    tokio::time::timeout(Duration::from_secs(3), devices::mark_ok(&pool, &both))
+        .await
+        .expect("mark_ok does not wait on a row another transaction holds")
+        .unwrap();
+    let after = marked(pool.clone()).await;
+    assert_eq!(after[0], ("tok-a".to_owned(), None), "the held row is skipped");
+    assert!(after[1].1.is_some(), "the free row is marked: {after:?}");
+    other.rollback().await.unwrap();
+
+    // Within the minute, tok-b is not written again; tok-a, now free, is.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    devices::mark_ok(&pool, &both).await.unwrap();
+    let again = marked(pool.clone()).await;
+    assert!(again[0].1.is_some(), "tok-a marked once free: {again:?}");
+    assert_eq!(again[1], after[1], "tok-b not rewritten within the minute");
+}
