@@ -79,11 +79,10 @@ pub async fn list(pool: &PgPool, user: &UserId) -> sqlx::Result<Vec<Device>> {
 
 /// Deletes devices the provider called unregistered or invalid.
 pub async fn delete_many(pool: &PgPool, devices: &[(Platform, String)]) -> sqlx::Result<u64> {
-    if devices.is_empty() {
+    let (platforms, tokens) = keys(devices);
+    if platforms.is_empty() {
         return Ok(0);
     }
-    let platforms: Vec<&str> = devices.iter().map(|(p, _)| p.as_str()).collect();
-    let tokens: Vec<&str> = devices.iter().map(|(_, t)| t.as_str()).collect();
     Ok(sqlx::query(
         "DELETE FROM devices d USING unnest($1::text[], $2::text[]) AS t(p, k) WHERE d.platform = t.p AND d.token = t.k",
     )
@@ -105,13 +104,10 @@ pub const LAST_OK_EVERY_SECS: i32 = 60;
 /// breaks a deadlock after a second): with two notifier replicas pushing to
 /// the same devices, a run of 20 000 pushes took 3–12 s instead of 1 s.
 pub async fn mark_ok(pool: &PgPool, devices: &[(Platform, String)]) -> sqlx::Result<()> {
-    let mut keys: Vec<(&str, &str)> = devices.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    if keys.is_empty() {
+    let (platforms, tokens) = keys(devices);
+    if platforms.is_empty() {
         return Ok(());
     }
-    let (platforms, tokens): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
     sqlx::query(
         "UPDATE devices d SET last_ok = now()
          FROM (SELECT x.platform, x.token FROM devices x
@@ -126,4 +122,15 @@ pub async fn mark_ok(pool: &PgPool, devices: &[(Platform, String)]) -> sqlx::Res
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// The (platform, token) keys as two bind arrays, sorted and without
+/// repeats: a statement that walks the arrays (a nested loop over the
+/// device index, as for a batch's few devices) locks rows in one order, so
+/// two batches do not each hold a row the other waits for.
+fn keys(devices: &[(Platform, String)]) -> (Vec<&str>, Vec<&str>) {
+    let mut keys: Vec<(&str, &str)> = devices.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.into_iter().unzip()
 }
