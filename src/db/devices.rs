@@ -94,7 +94,7 @@ pub async fn delete_many(pool: &PgPool, devices: &[(Platform, String)]) -> sqlx:
 }
 
 /// How often at most a device's `last_ok` is written.
-pub const LAST_OK_EVERY_SECS: i32 = 60;
+const LAST_OK_EVERY_SECS: i32 = 60;
 
 /// Records a successful push for these devices, at most once every
 /// [`LAST_OK_EVERY_SECS`] per device. It never waits on another
