@@ -21,14 +21,34 @@ use crate::config::NatsSettings;
 /// messages sent meanwhile may be lost (room tails and presence are re-read).
 pub type Reconnects = tokio::sync::watch::Receiver<u64>;
 
-/// `js` for creating or updating streams and buckets at start: a cluster
-/// still placing replicas can answer after a request's default 5 s (seen:
-/// the presence bucket, three nodes on two busy cores). The handles kept
-/// for normal work come from `js` itself, with the default.
-pub fn for_setup(js: &async_nats::jetstream::Context) -> async_nats::jetstream::Context {
-    let mut setup = js.clone();
-    setup.set_timeout(std::time::Duration::from_secs(30));
-    setup
+/// Runs a start-up request (creating or updating a stream or bucket, which
+/// is idempotent) with `js` given a 10 s timeout, up to three times, 1 s
+/// apart. A cluster still placing replicas can answer after a request's
+/// default 5 s (seen: the presence bucket, three nodes on two busy cores),
+/// and a request made around a meta-leader election can go unanswered (seen:
+/// the CHAT stream, no answer within 30 s, under the full test suite's
+/// load). The handles kept for normal work come from `js` itself, with the
+/// default timeout.
+pub async fn setup<T, E, F, Fut>(js: &async_nats::jetstream::Context, mut request: F) -> Result<T, E>
+where
+    F: FnMut(async_nats::jetstream::Context) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    const TRIES: u32 = 3;
+    let mut js = js.clone();
+    js.set_timeout(std::time::Duration::from_secs(10));
+    let mut tried = 1;
+    loop {
+        match request(js.clone()).await {
+            Err(e) if tried < TRIES => {
+                tracing::warn!(error = %e, tried, "start-up request to JetStream failed; trying again");
+                tried += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Connects to NATS, failing within a few seconds when no server answers.

@@ -36,8 +36,15 @@ pub fn attachments_config(s: &NatsSettings) -> Config {
 /// for the same configuration; a bucket that exists with another one (e.g.
 /// created by an operator) is used as it is.
 pub async fn ensure_attachments(js: &jetstream::Context, s: &NatsSettings) -> anyhow::Result<ObjectStore> {
-    // Created (or found) with the setup timeout, opened with the default.
-    let created = super::for_setup(js).create_object_store(attachments_config(s)).await.err();
+    // Created (or found) as a start-up request, opened with the default
+    // timeout. A bucket an operator made with another configuration fails
+    // creation three times (2 s) before it is opened as it is.
+    let created = super::setup(js, |js| {
+        let config = attachments_config(s);
+        async move { js.create_object_store(config).await }
+    })
+    .await
+    .err();
     js.get_object_store(ATTACHMENTS_BUCKET).await.with_context(|| match created {
         Some(create) => format!("cannot create ({create}) or open the {ATTACHMENTS_BUCKET:?} object store"),
         None => format!("cannot open the {ATTACHMENTS_BUCKET:?} object store (is JetStream enabled?)"),

@@ -54,10 +54,12 @@ pub async fn ensure_bucket(js: &jetstream::Context, s: &NatsSettings) -> anyhow:
         limit_markers: Some(MARKER_TTL),
         ..Default::default()
     };
-    super::for_setup(js)
-        .create_or_update_key_value(config)
-        .await
-        .context("cannot create or update the presence bucket (needs nats-server >= 2.11)")?;
+    super::setup(js, |js| {
+        let config = config.clone();
+        async move { js.create_or_update_key_value(config).await }
+    })
+    .await
+    .context("cannot create or update the presence bucket (needs nats-server >= 2.11)")?;
     Ok(())
 }
 

@@ -37,9 +37,11 @@ pub fn chat_config(s: &NatsSettings) -> Config {
 
 /// Makes the CHAT stream exist with our settings, and returns its handle.
 pub async fn ensure_chat(js: &jetstream::Context, s: &NatsSettings) -> anyhow::Result<jetstream::stream::Stream> {
-    super::for_setup(js)
-        .create_or_update_stream(chat_config(s))
-        .await
-        .context("cannot create or update the CHAT stream (is JetStream enabled?)")?;
+    super::setup(js, |js| {
+        let config = chat_config(s);
+        async move { js.create_or_update_stream(config).await }
+    })
+    .await
+    .context("cannot create or update the CHAT stream (is JetStream enabled?)")?;
     js.get_stream(CHAT_STREAM).await.context("cannot open the CHAT stream")
 }
