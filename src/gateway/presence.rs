@@ -31,6 +31,10 @@ use crate::{
 /// How long an offline entry (which carries `last_seen`) is kept.
 const OFFLINE_RECORD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// The heartbeat refreshes a tenth of the local entries at a time, so a
+/// gateway's thousands of users are not all rewritten in one burst.
+const HEARTBEAT_SLICES: u32 = 10;
+
 #[derive(Debug, Clone, Copy)]
 pub struct PresenceSettings {
     pub ttl: Duration,
@@ -50,7 +54,9 @@ struct Local {
     /// `Vec` (a map's first insert allocates four buckets).
     sessions: Vec<(u64, Status)>,
     /// Bumped by every change, so a stale grace timer does nothing.
-    generation: u64,
+    generation: u32,
+    /// Which of the heartbeat's slices refreshes this entry.
+    slice: u32,
     published: Option<(Status, u32)>,
 }
 
@@ -107,6 +113,25 @@ struct Write {
 struct State {
     local: HashMap<UserId, Local>,
     watched: HashMap<UserId, Watch>,
+    /// Slices are dealt round-robin, so each holds a tenth of the entries.
+    next_slice: u32,
+}
+
+impl State {
+    fn local_mut(&mut self, user: &UserId) -> &mut Local {
+        let slice = &mut self.next_slice;
+        self.local.entry(user.clone()).or_insert_with(|| {
+            *slice = (*slice + 1) % HEARTBEAT_SLICES;
+            Local { slice: *slice, ..Local::default() }
+        })
+    }
+
+    /// The entries the heartbeat's `tick` refreshes: those of its slice
+    /// that still have a session here.
+    fn due(&self, tick: u64) -> impl Iterator<Item = (&UserId, &Local)> {
+        let slice = (tick % u64::from(HEARTBEAT_SLICES)) as u32;
+        self.local.iter().filter(move |(_, l)| l.slice == slice && !l.sessions.is_empty())
+    }
 }
 
 pub struct Presence {
@@ -146,7 +171,7 @@ impl Presence {
             node: node.clone(),
             settings,
             writes,
-            state: Mutex::new(State { local: HashMap::new(), watched: HashMap::new() }),
+            state: Mutex::new(State { local: HashMap::new(), watched: HashMap::new(), next_slice: 0 }),
         });
         tokio::spawn(write_loop(js, node, rx, metrics));
         tokio::spawn(heartbeat(Arc::downgrade(&p), stop));
@@ -169,9 +194,9 @@ impl Presence {
 
     pub fn session_started(&self, user: &UserId, conn_id: u64) {
         let mut st = self.state.lock();
-        let l = st.local.entry(user.clone()).or_default();
+        let l = st.local_mut(user);
         l.sessions.push((conn_id, Status::Online));
-        l.generation += 1;
+        l.generation = l.generation.wrapping_add(1);
         self.publish_if_changed(user, l);
     }
 
@@ -181,7 +206,7 @@ impl Presence {
             && let Some((_, s)) = l.sessions.iter_mut().find(|(id, _)| *id == conn_id)
         {
             *s = status;
-            l.generation += 1;
+            l.generation = l.generation.wrapping_add(1);
             self.publish_if_changed(user, l);
         }
     }
@@ -192,7 +217,7 @@ impl Presence {
         let mut st = self.state.lock();
         let Some(l) = st.local.get_mut(user) else { return };
         l.sessions.retain(|&(id, _)| id != conn_id);
-        l.generation += 1;
+        l.generation = l.generation.wrapping_add(1);
         if !l.sessions.is_empty() {
             self.publish_if_changed(user, l);
             return;
@@ -378,61 +403,78 @@ impl Presence {
 }
 
 /// Writes entries in the order they were decided; acks are awaited together.
+///
+/// The acks are polled even while a publish waits. async-nats lets one
+/// JetStream context have 5 000 publishes unacknowledged (the gateway's
+/// message sends share them), and gives a permit back only when its ack
+/// future completes. A writer that stopped polling its acks while it waited
+/// for a permit would wait for ever, and so would every message send of the
+/// gateway: it did, after a heartbeat of more than 5 000 users.
 async fn write_loop(
     js: jetstream::Context,
     node: NodeId,
     mut rx: mpsc::UnboundedReceiver<Write>,
     metrics: Arc<super::metrics::Metrics>,
 ) {
-    let mut acks = FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            w = rx.recv() => {
-                let Some(w) = w else { break };
-                match presence::send(&js, &w.user, &node, &w.entry, w.ttl).await {
-                    Ok(fut) => {
-                        metrics.presence_updates.inc();
-                        acks.push(fut.into_future())
-                    }
-                    Err(e) => tracing::warn!(user = %w.user, error = %e, "presence write failed"),
-                }
-                if let Some(done) = w.done {
-                    while let Some(r) = acks.next().await {
-                        if let Err(e) = r {
-                            tracing::warn!(error = %e, "presence write not acknowledged");
-                        }
-                    }
-                    let _ = done.send(());
-                }
-            }
-            Some(r) = acks.next(), if !acks.is_empty() => {
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "presence write not acknowledged");
-                }
-            }
-        }
-    }
-    while let Some(r) = acks.next().await {
+    fn acked<T, E: std::fmt::Display>(r: Result<T, E>) {
         if let Err(e) = r {
             tracing::warn!(error = %e, "presence write not acknowledged");
         }
     }
+    let mut acks = FuturesUnordered::new();
+    loop {
+        let w = tokio::select! {
+            w = rx.recv() => match w {
+                Some(w) => w,
+                None => break,
+            },
+            Some(r) = acks.next(), if !acks.is_empty() => {
+                acked(r);
+                continue;
+            }
+        };
+        let send = presence::send(&js, &w.user, &node, &w.entry, w.ttl);
+        tokio::pin!(send);
+        let sent = loop {
+            tokio::select! {
+                sent = &mut send => break sent,
+                Some(r) = acks.next(), if !acks.is_empty() => acked(r),
+            }
+        };
+        match sent {
+            Ok(fut) => {
+                metrics.presence_updates.inc();
+                acks.push(fut.into_future())
+            }
+            Err(e) => tracing::warn!(user = %w.user, error = %e, "presence write failed"),
+        }
+        if let Some(done) = w.done {
+            while let Some(r) = acks.next().await {
+                acked(r);
+            }
+            let _ = done.send(());
+        }
+    }
+    while let Some(r) = acks.next().await {
+        acked(r);
+    }
 }
 
-/// Refreshes every local entry well within its TTL.
+/// Refreshes every local entry well within its TTL: each entry once every
+/// TTL/3, a slice of them at a time (a tenth of that period apart).
 async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
     let Some(every) = p.upgrade().map(|p| p.settings.ttl / 3) else { return };
-    let mut tick = tokio::time::interval(every.max(Duration::from_millis(300)));
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(300)) / HEARTBEAT_SLICES);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    loop {
+    for n in 0u64.. {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         let Some(p) = p.upgrade() else { return };
         let st = p.state.lock();
-        for (user, l) in st.local.iter().filter(|(_, l)| !l.sessions.is_empty()) {
+        for (user, l) in st.due(n) {
             let _ = p.writes.send(Write {
                 user: user.clone(),
                 entry: Presence::local_entry(l),
@@ -440,5 +482,36 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
                 done: None,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State { local: HashMap::new(), watched: HashMap::new(), next_slice: 0 }
+    }
+
+    #[test]
+    fn the_heartbeat_refreshes_each_entry_with_a_session_once_per_round_in_even_slices() {
+        let mut st = state();
+        let users: Vec<UserId> = (0..1000).map(|i| UserId::parse(&format!("u{i}")).unwrap()).collect();
+        for (i, u) in users.iter().enumerate() {
+            st.local_mut(u).sessions.push((i as u64, Status::Online));
+        }
+        st.local_mut(&users[0]).sessions.clear(); // in its grace period: not refreshed
+        let mut written: HashMap<&UserId, u32> = HashMap::new();
+        // Two rounds, starting mid-round.
+        for tick in 7..7 + 2 * u64::from(HEARTBEAT_SLICES) {
+            let due: Vec<&UserId> = st.due(tick).map(|(u, _)| u).collect();
+            assert!((99..=100).contains(&due.len()), "tick {tick}: {} entries", due.len());
+            for u in due {
+                *written.entry(u).or_default() += 1;
+            }
+        }
+        assert_eq!(written.len(), 999);
+        assert!(!written.contains_key(&users[0]));
+        assert!(written.values().all(|&n| n == 2), "each entry twice in two rounds");
     }
 }
