@@ -77,6 +77,27 @@ pub async fn send(
     js.send_publish(subjects::presence_key(user, node), msg).await.map_err(|e| e.to_string())
 }
 
+/// Rewrites this node's unchanged entry for `user` to live another `ttl`,
+/// without asking for an ack: a core publish to the bucket's subject, which
+/// JetStream stores all the same. A heartbeat's refresh costs the gateway a
+/// third of an acknowledged write (no reply inbox, no ack to read), and a
+/// lost one is followed by the next well within the TTL.
+pub async fn refresh(
+    client: &Client,
+    user: &UserId,
+    node: &NodeId,
+    entry: &Entry,
+    ttl: Duration,
+) -> Result<(), String> {
+    let payload = serde_json::to_vec(entry).expect("serialisable");
+    let mut headers = HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_TTL, ttl.as_secs().max(1).to_string().as_str());
+    client
+        .publish_with_headers(subjects::presence_key(user, node), headers, payload.into())
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// A change or snapshot item: which node, at which stream sequence, and the
 /// entry (`None` = deleted or expired).
 #[derive(Debug, Clone)]

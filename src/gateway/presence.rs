@@ -106,6 +106,9 @@ struct Write {
     user: UserId,
     entry: Entry,
     ttl: Duration,
+    /// A heartbeat's refresh of an unchanged entry: published without an
+    /// ack (a lost one is followed by the next well within the TTL).
+    refresh: bool,
     /// Answered once this write and all before it are acknowledged.
     done: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -188,7 +191,13 @@ impl Presence {
         let e = Self::local_entry(l);
         if l.published != Some((e.status, e.sessions)) {
             l.published = Some((e.status, e.sessions));
-            let _ = self.writes.send(Write { user: user.clone(), entry: e, ttl: self.settings.ttl, done: None });
+            let _ = self.writes.send(Write {
+                user: user.clone(),
+                entry: e,
+                ttl: self.settings.ttl,
+                refresh: false,
+                done: None,
+            });
         }
     }
 
@@ -234,7 +243,7 @@ impl Presence {
             if still_gone {
                 st.local.remove(&user);
                 let entry = Entry { status: Status::Offline, sessions: 0, last_seen: now_ms() };
-                let _ = p.writes.send(Write { user, entry, ttl: OFFLINE_RECORD_TTL, done: None });
+                let _ = p.writes.send(Write { user, entry, ttl: OFFLINE_RECORD_TTL, refresh: false, done: None });
             }
         });
     }
@@ -255,7 +264,7 @@ impl Presence {
                 entry.status = Status::Offline; // already in its grace period
             }
             let done = if i + 1 == n { done.take() } else { None };
-            let _ = self.writes.send(Write { user, entry, ttl, done });
+            let _ = self.writes.send(Write { user, entry, ttl, refresh: false, done });
         }
         if n > 0 {
             let _ = tokio::time::timeout(within, stored).await;
@@ -421,6 +430,7 @@ async fn write_loop(
             tracing::warn!(error = %e, "presence write not acknowledged");
         }
     }
+    let nats = js.client();
     let mut acks = FuturesUnordered::new();
     loop {
         let w = tokio::select! {
@@ -433,20 +443,29 @@ async fn write_loop(
                 continue;
             }
         };
-        let send = presence::send(&js, &w.user, &node, &w.entry, w.ttl);
-        tokio::pin!(send);
-        let sent = loop {
-            tokio::select! {
-                sent = &mut send => break sent,
-                Some(r) = acks.next(), if !acks.is_empty() => acked(r),
+        if w.refresh {
+            match presence::refresh(&nats, &w.user, &node, &w.entry, w.ttl).await {
+                Ok(()) => {
+                    metrics.presence_updates.inc();
+                }
+                Err(e) => tracing::warn!(user = %w.user, error = %e, "presence refresh failed"),
             }
-        };
-        match sent {
-            Ok(fut) => {
-                metrics.presence_updates.inc();
-                acks.push(fut.into_future())
+        } else {
+            let send = presence::send(&js, &w.user, &node, &w.entry, w.ttl);
+            tokio::pin!(send);
+            let sent = loop {
+                tokio::select! {
+                    sent = &mut send => break sent,
+                    Some(r) = acks.next(), if !acks.is_empty() => acked(r),
+                }
+            };
+            match sent {
+                Ok(fut) => {
+                    metrics.presence_updates.inc();
+                    acks.push(fut.into_future())
+                }
+                Err(e) => tracing::warn!(user = %w.user, error = %e, "presence write failed"),
             }
-            Err(e) => tracing::warn!(user = %w.user, error = %e, "presence write failed"),
         }
         if let Some(done) = w.done {
             while let Some(r) = acks.next().await {
@@ -479,6 +498,7 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
                 user: user.clone(),
                 entry: Presence::local_entry(l),
                 ttl: p.settings.ttl,
+                refresh: true,
                 done: None,
             });
         }

@@ -254,6 +254,13 @@ async fn gateway_user_does_its_work_and_nothing_else() {
     assert!(presence.get("alice.gw1").await.expect("presence get").is_some());
     let snap = presence::snapshot(&gw.client, &[UserId::parse("alice").unwrap()]).await.expect("presence snapshot");
     assert_eq!(snap.len(), 1);
+    // The heartbeat's refresh: a core publish, stored without an ack.
+    let entry = presence::Entry { status: presence::Status::Online, sessions: 1, last_seen: 2 };
+    let (alice, gw1) = (UserId::parse("alice").unwrap(), NodeId::parse("gw1").unwrap());
+    presence::refresh(&gw.client, &alice, &gw1, &entry, Duration::from_secs(30)).await.expect("presence refresh");
+    tokio::time::timeout(WAIT, presence_evt.next()).await.expect("the refresh is stored and republished").unwrap();
+    let stored = presence.get("alice.gw1").await.expect("presence get").expect("entry");
+    assert_eq!(serde_json::from_slice::<presence::Entry>(&stored).unwrap(), entry);
 
     // Attachments: the object store round trip.
     let attachments = natter::bus::objects::ensure_attachments(&js, &settings(&nats))
