@@ -34,6 +34,9 @@ pub struct BenchSettings {
     /// Gateway process ids to measure (CPU seconds, RSS from /proc), comma-separated.
     #[arg(long, env = "NATTER_BENCH_GATEWAY_PIDS", value_delimiter = ',')]
     pub gateway_pids: Vec<u32>,
+    /// Notifier process ids to measure, comma-separated.
+    #[arg(long, env = "NATTER_BENCH_NOTIFIER_PIDS", value_delimiter = ',')]
+    pub notifier_pids: Vec<u32>,
     /// Other server process ids to measure (nats-server), comma-separated.
     #[arg(long, env = "NATTER_BENCH_SERVER_PIDS", value_delimiter = ',')]
     pub server_pids: Vec<u32>,
@@ -61,7 +64,7 @@ pub enum Scenario {
 pub async fn run(s: BenchSettings) -> anyhow::Result<()> {
     let gateways = parse_gateways(&s.gateways)?;
     let signer = Signer::hs256(s.jwt_secret.expose());
-    let procs = procstat::Servers::new(&s.gateway_pids, &s.server_pids)?;
+    let procs = procstat::Servers::new(&s.gateway_pids, &s.notifier_pids, &s.server_pids)?;
     raise_open_files_limit();
     let line = match s.scenario {
         Scenario::Fanout(a) => fanout::run(&gateways, &signer, &procs, a).await?,
@@ -69,7 +72,7 @@ pub async fn run(s: BenchSettings) -> anyhow::Result<()> {
         Scenario::Churn(a) => churn::run(&gateways, &signer, &procs, a).await?,
         Scenario::Resume(a) => resume::run(&gateways, &signer, a).await?,
         Scenario::Presence(a) => presence::run(&gateways, &signer, a).await?,
-        Scenario::Notifier(a) => notifier::run(&gateways, &signer, a).await?,
+        Scenario::Notifier(a) => notifier::run(&gateways, &signer, &procs, a).await?,
     };
     println!("{line}");
     Ok(())

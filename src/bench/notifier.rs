@@ -11,6 +11,7 @@ use clap::Args;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+use super::procstat::{Role, Servers};
 use crate::auth::Signer;
 
 #[derive(Debug, Clone, Args)]
@@ -35,7 +36,7 @@ pub struct NotifierArgs {
     pub timeout: Duration,
 }
 
-pub async fn run(gateways: &[String], signer: &Signer, a: NotifierArgs) -> anyhow::Result<Value> {
+pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: NotifierArgs) -> anyhow::Result<Value> {
     let emulator = super::parse_gateways(&a.emulator)?.pop().context("--emulator")?;
     let http = reqwest::Client::new();
     let gw = format!("http://{}", gateways.first().context("a gateway")?);
@@ -68,6 +69,7 @@ pub async fn run(gateways: &[String], signer: &Signer, a: NotifierArgs) -> anyho
     let pushes_before = emulator_ok(&http, &emulator).await?;
     let want_pushes = (a.messages * a.recipients * a.devices) as u64;
 
+    let before = servers.snapshot();
     let started = Instant::now();
     let sender_token = bearer(&sender)?;
     let sent: Vec<anyhow::Result<()>> = futures::stream::iter(0..a.messages)
@@ -108,10 +110,11 @@ pub async fn run(gateways: &[String], signer: &Signer, a: NotifierArgs) -> anyho
             pushes_done = Some(started.elapsed());
         }
     }
+    let after = servers.snapshot();
     let (unread_done, pushes_done) = (unread_done.unwrap_or_default(), pushes_done.unwrap_or_default());
     let total = unread_done.max(pushes_done).as_secs_f64();
     let per_s = |n: f64, t: f64| if t > 0.0 { (n / t).round() } else { 0.0 };
-    Ok(json!({
+    let mut out = json!({
         "scenario": "notifier",
         "messages": a.messages,
         "recipients": a.recipients,
@@ -124,7 +127,23 @@ pub async fn run(gateways: &[String], signer: &Signer, a: NotifierArgs) -> anyho
         "messages_per_s": per_s(a.messages as f64, total),
         "unread_bumps_per_s": per_s((a.messages * a.recipients) as f64, unread_done.as_secs_f64()),
         "pushes_per_s": per_s(want_pushes as f64, pushes_done.as_secs_f64()),
-    }))
+    });
+    if servers.count(Role::Notifier) > 0 {
+        // Throughput per CPU second of the notifiers: what a replica does
+        // with a core of its own, whatever the machine's other processes take.
+        let cpu = servers.cpu_of(Role::Notifier, &before, &after);
+        super::extend(
+            &mut out,
+            json!({
+                "notifiers": servers.count(Role::Notifier),
+                "notifier_cpu_s": super::round(cpu),
+                "pushes_per_notifier_cpu_s": per_s(want_pushes as f64, cpu),
+                "unread_bumps_per_notifier_cpu_s": per_s((a.messages * a.recipients) as f64, cpu),
+                "cpu": servers.report(&before, &after),
+            }),
+        );
+    }
+    Ok(out)
 }
 
 /// Successful pushes the emulator has recorded so far (both providers).

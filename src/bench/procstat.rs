@@ -16,10 +16,28 @@ pub struct Sample {
     pub peak_kib: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Gateway,
+    Notifier,
+    /// nats-server, the push emulator.
+    Server,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Notifier => "notifier",
+            Role::Server => "server",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Proc {
     pub pid: u32,
-    pub gateway: bool,
+    pub role: Role,
 }
 
 /// The processes a scenario measures; empty when no pids were given.
@@ -33,12 +51,10 @@ pub struct Servers {
 pub struct Snapshot(Vec<Sample>);
 
 impl Servers {
-    pub fn new(gateways: &[u32], others: &[u32]) -> anyhow::Result<Self> {
-        let procs: Vec<Proc> = gateways
-            .iter()
-            .map(|&pid| Proc { pid, gateway: true })
-            .chain(others.iter().map(|&pid| Proc { pid, gateway: false }))
-            .collect();
+    pub fn new(gateways: &[u32], notifiers: &[u32], others: &[u32]) -> anyhow::Result<Self> {
+        let role = |pids: &[u32], role| pids.iter().map(move |&pid| Proc { pid, role }).collect::<Vec<_>>();
+        let procs: Vec<Proc> =
+            [role(gateways, Role::Gateway), role(notifiers, Role::Notifier), role(others, Role::Server)].concat();
         for p in &procs {
             read(p.pid).with_context(|| format!("cannot read /proc/{} (is the pid right?)", p.pid))?;
         }
@@ -46,7 +62,11 @@ impl Servers {
     }
 
     pub fn gateways(&self) -> usize {
-        self.procs.iter().filter(|p| p.gateway).count()
+        self.count(Role::Gateway)
+    }
+
+    pub fn count(&self, role: Role) -> usize {
+        self.procs.iter().filter(|p| p.role == role).count()
     }
 
     /// Resets every process's peak RSS to its current RSS.
@@ -62,17 +82,24 @@ impl Servers {
 
     /// CPU seconds used between two snapshots: (gateways, others).
     pub fn cpu_between(&self, a: &Snapshot, b: &Snapshot) -> (f64, f64) {
-        let mut out = (0.0, 0.0);
-        for (p, (x, y)) in self.procs.iter().zip(a.0.iter().zip(&b.0)) {
-            let d = y.cpu_s - x.cpu_s;
-            if p.gateway { out.0 += d } else { out.1 += d }
-        }
-        out
+        let all = self.procs.iter().zip(a.0.iter().zip(&b.0)).map(|(_, (x, y))| y.cpu_s - x.cpu_s).sum::<f64>();
+        let gateways = self.cpu_of(Role::Gateway, a, b);
+        (gateways, all - gateways)
+    }
+
+    /// CPU seconds the processes of `role` used between two snapshots.
+    pub fn cpu_of(&self, role: Role, a: &Snapshot, b: &Snapshot) -> f64 {
+        self.procs
+            .iter()
+            .zip(a.0.iter().zip(&b.0))
+            .filter(|(p, _)| p.role == role)
+            .map(|(_, (x, y))| y.cpu_s - x.cpu_s)
+            .sum()
     }
 
     /// Summed RSS of the gateways, KiB.
     pub fn gateway_rss_kib(&self, s: &Snapshot) -> u64 {
-        self.procs.iter().zip(&s.0).filter(|(p, _)| p.gateway).map(|(_, s)| s.rss_kib).sum()
+        self.procs.iter().zip(&s.0).filter(|(p, _)| p.role == Role::Gateway).map(|(_, s)| s.rss_kib).sum()
     }
 
     /// Per-process figures between two snapshots, for the JSON line.
@@ -84,7 +111,7 @@ impl Servers {
             .map(|(p, (x, y))| {
                 json!({
                     "pid": p.pid,
-                    "role": if p.gateway { "gateway" } else { "server" },
+                    "role": p.role.name(),
                     "cpu_s": super::round(y.cpu_s - x.cpu_s),
                     "rss_mib": mib(y.rss_kib),
                     "peak_rss_mib": mib(y.peak_kib),
@@ -136,5 +163,29 @@ mod tests {
         assert!(s.rss_kib > 0, "RSS read: {s:?}");
         assert!(s.peak_kib >= s.rss_kib, "peak below current: {s:?}");
         assert!(s.cpu_s >= 0.0);
+    }
+
+    #[test]
+    fn cpu_is_summed_by_role() {
+        let me = std::process::id();
+        let servers = Servers::new(&[me], &[me, me], &[]).expect("own /proc entry");
+        assert_eq!((servers.gateways(), servers.count(Role::Notifier), servers.count(Role::Server)), (1, 2, 0));
+        let a = servers.snapshot();
+        let mut x = 0u64;
+        for i in 0..50_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let b = servers.snapshot();
+        let (gw, notifiers) = (servers.cpu_of(Role::Gateway, &a, &b), servers.cpu_of(Role::Notifier, &a, &b));
+        assert!(gw > 0.0, "the loop took CPU: {gw}");
+        // The same process read once per role (the snapshots read it in turn).
+        assert!((notifiers - 2.0 * gw).abs() < 0.05, "{notifiers} against 2 × {gw}");
+        let (g, others) = servers.cpu_between(&a, &b);
+        assert_eq!(g, gw);
+        assert!((others - notifiers).abs() < 1e-9, "others are the notifiers here: {others}");
+        let roles: Vec<Value> =
+            servers.report(&a, &b)["processes"].as_array().unwrap().iter().map(|p| p["role"].clone()).collect();
+        assert_eq!(roles, [json!("gateway"), json!("notifier"), json!("notifier")]);
     }
 }
