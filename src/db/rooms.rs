@@ -67,6 +67,20 @@ pub async fn role(pool: &PgPool, room: &RoomId, user: &UserId) -> sqlx::Result<O
     Ok(role.map(|r| if r == "owner" { Role::Owner } else { Role::Member }))
 }
 
+/// Which of the (room, user) pairs are memberships: one query for them all.
+pub async fn memberships_among(pool: &PgPool, pairs: &[(&str, &str)]) -> sqlx::Result<Vec<(String, String)>> {
+    let (rooms, users): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+    sqlx::query_as(
+        "SELECT m.room_id, m.user_id
+         FROM unnest($1::text[], $2::text[]) AS q(room_id, user_id)
+         JOIN room_members m ON m.room_id = q.room_id AND m.user_id = q.user_id",
+    )
+    .bind(&rooms)
+    .bind(&users)
+    .fetch_all(pool)
+    .await
+}
+
 pub async fn exists(pool: &PgPool, room: &RoomId) -> sqlx::Result<bool> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM rooms WHERE id = $1)").bind(room.as_str()).fetch_one(pool).await
 }

@@ -187,7 +187,7 @@ pub async fn download(
     let not_found = || ApiError::not_found("no such attachment");
     let info = lookup(&state, &id).await?.ok_or_else(not_found)?;
     let room = objects::room_of(&info).and_then(|r| RoomId::parse(r).ok()).ok_or_else(not_found)?;
-    if !state.membership.is_member(&state.db, &room, &me.user).await? {
+    if !state.membership.is_member(&room, &me.user).await? {
         return Err(not_found());
     }
     let etag = etag(&info);

@@ -636,7 +636,7 @@ impl Session<'_> {
 
     async fn member_room(&self, room: &str) -> Result<RoomId, ApiError> {
         let room = RoomId::parse(room)?;
-        if !self.state.membership.is_member(&self.state.db, &room, &self.conn.user).await? {
+        if !self.state.membership.is_member(&room, &self.conn.user).await? {
             return Err(ApiError::forbidden("not a member of this room"));
         }
         Ok(room)

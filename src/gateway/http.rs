@@ -149,7 +149,7 @@ fn room_id(raw: &str) -> Result<RoomId, ApiError> {
 }
 
 pub(super) async fn require_member(state: &AppState, room: &RoomId, user: &UserId) -> Result<(), ApiError> {
-    if state.membership.is_member(&state.db, room, user).await? {
+    if state.membership.is_member(room, user).await? {
         Ok(())
     } else if db::rooms::exists(&state.db, room).await? {
         Err(ApiError::forbidden("not a member of this room"))

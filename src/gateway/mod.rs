@@ -125,7 +125,7 @@ impl Gateway {
             drop_live_every: settings.fault_drop_live_every,
         });
         let shutdown = CancellationToken::new();
-        let membership = Arc::new(membership::Membership::new(settings.membership_cache_ttl));
+        let membership = Arc::new(membership::Membership::new(settings.membership_cache_ttl, db.clone()));
         let presence = presence::Presence::start(
             js.clone(),
             nats.clone(),

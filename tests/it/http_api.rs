@@ -130,3 +130,57 @@ async fn health_and_readiness() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["nats"], true);
 }
+
+/// Membership lookups that miss the cache are answered in batches: many at
+/// once cost a few queries, each gets its own answer, and a database error
+/// reaches every waiter as `unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_lookups_are_batched_and_each_gets_its_answer() {
+    use std::time::Duration;
+
+    use natter::{
+        db::rooms,
+        gateway::membership::Membership,
+        ids::{RoomId, UserId},
+    };
+
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    let room = |i: usize| RoomId::parse(&format!("r{i}")).unwrap();
+    let user = |i: usize| UserId::parse(&format!("u{i}")).unwrap();
+    // Room r<i> has members u<i>..u<i+4>.
+    for i in 0..50 {
+        let members: Vec<UserId> = (i..i + 5).map(user).collect();
+        assert!(rooms::create(&pool, &room(i), "r", &members[0], &members).await.unwrap());
+    }
+    let membership = Membership::new(Duration::from_secs(30), pool.clone());
+    let asks: Vec<(usize, usize)> = (0..50).flat_map(|r| (0..60).step_by(3).map(move |u| (r, u))).collect();
+    let answers = futures::future::join_all(asks.iter().map(|&(r, u)| {
+        let membership = &membership;
+        async move { membership.is_member(&room(r), &user(u)).await.unwrap() }
+    }))
+    .await;
+    for (&(r, u), member) in asks.iter().zip(answers) {
+        assert_eq!(member, (r..r + 5).contains(&u), "r{r}, u{u}");
+    }
+    let queries = membership.queries();
+    assert!(queries >= 1 && queries <= asks.len() as u64 / 10, "{queries} queries for {} lookups", asks.len());
+
+    // A positive answer is cached; a negative one is asked again.
+    membership.is_member(&room(0), &user(0)).await.unwrap();
+    assert_eq!(membership.queries(), queries);
+    assert!(!membership.is_member(&room(0), &user(40)).await.unwrap());
+    assert_eq!(membership.queries(), queries + 1);
+
+    // The database gone: every waiter is told, none hangs.
+    pool.close().await;
+    let failed = futures::future::join_all((0..20).map(|u| {
+        let membership = &membership;
+        async move { membership.is_member(&room(1), &user(u + 100)).await }
+    }))
+    .await;
+    for r in failed {
+        let e = r.expect_err("no database");
+        assert_eq!(e.code, natter::error::Code::Unavailable, "{e:?}");
+    }
+}
