@@ -2,11 +2,12 @@
 //! positive cache per gateway (negative answers are not cached, so a user
 //! added a moment ago can join at once).
 //!
-//! Lookups that miss the cache are batched: a task takes every lookup
-//! waiting when a query slot is free and asks about them all in one query
-//! (up to [`BATCH_MAX`], [`QUERIES_IN_FLIGHT`] queries at once). A lone
-//! join waits for nothing but its own query; a reconnect storm's thousands
-//! of joins cost a few dozen queries instead of one each.
+//! Lookups that miss the cache share [`QUERIES_IN_FLIGHT`] query slots. A
+//! lookup that finds a slot free asks PostgreSQL itself, in its own task;
+//! the others queue, and one task asks about every queued lookup in one
+//! query (up to [`BATCH_MAX`]) whenever it gets a slot. So a lone join, or
+//! joins at a pace the slots keep up with, wait for their own query only,
+//! and a reconnect storm's thousands of joins share a few dozen queries.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -42,17 +43,22 @@ struct Lookup {
 pub struct Membership {
     ttl: Duration,
     cache: Mutex<HashMap<(RoomId, UserId), Instant>>,
-    lookups: mpsc::UnboundedSender<Lookup>,
+    pool: PgPool,
+    /// Queries to PostgreSQL at once, single or batched.
+    slots: Arc<Semaphore>,
+    /// Lookups that found no slot free, for the batching task.
+    queued: mpsc::UnboundedSender<Lookup>,
     queries: Arc<AtomicU64>,
 }
 
 impl Membership {
-    /// Starts the lookup task; it ends when the `Membership` is dropped.
+    /// Starts the batching task; it ends when the `Membership` is dropped.
     pub fn new(ttl: Duration, pool: PgPool) -> Self {
-        let (lookups, rx) = mpsc::unbounded_channel();
+        let (queued, rx) = mpsc::unbounded_channel();
         let queries = Arc::new(AtomicU64::new(0));
-        tokio::spawn(batch_lookups(pool, rx, queries.clone()));
-        Self { ttl, cache: Mutex::new(HashMap::new()), lookups, queries }
+        let slots = Arc::new(Semaphore::new(QUERIES_IN_FLIGHT));
+        tokio::spawn(batch_lookups(pool.clone(), slots.clone(), rx, queries.clone()));
+        Self { ttl, cache: Mutex::new(HashMap::new()), pool, slots, queued, queries }
     }
 
     pub async fn is_member(&self, room: &RoomId, user: &UserId) -> Result<bool, ApiError> {
@@ -62,10 +68,20 @@ impl Membership {
         {
             return Ok(true);
         }
-        let (answer, answered) = oneshot::channel();
-        let unavailable = || ApiError::unavailable("membership lookup", "the lookup task has stopped");
-        self.lookups.send(Lookup { room: room.clone(), user: user.clone(), answer }).map_err(|_| unavailable())?;
-        let member = answered.await.map_err(|_| unavailable())??;
+        let member = match self.slots.clone().try_acquire_owned() {
+            Ok(_slot) => {
+                self.queries.fetch_add(1, Ordering::Relaxed);
+                db::rooms::role(&self.pool, room, user).await?.is_some()
+            }
+            Err(_) => {
+                let (answer, answered) = oneshot::channel();
+                let unavailable = || ApiError::unavailable("membership lookup", "the lookup task has stopped");
+                self.queued
+                    .send(Lookup { room: room.clone(), user: user.clone(), answer })
+                    .map_err(|_| unavailable())?;
+                answered.await.map_err(|_| unavailable())??
+            }
+        };
         let mut cache = self.cache.lock();
         if member {
             if cache.len() >= MAX_ENTRIES {
@@ -89,35 +105,44 @@ impl Membership {
     }
 }
 
-async fn batch_lookups(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Lookup>, queries: Arc<AtomicU64>) {
-    let slots = Arc::new(Semaphore::new(QUERIES_IN_FLIGHT));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let mut batch = Vec::new();
-        if rx.recv_many(&mut batch, BATCH_MAX).await == 0 {
-            return;
-        }
-        queries.fetch_add(1, Ordering::Relaxed);
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let pairs: Vec<(&str, &str)> = batch.iter().map(|l| (l.room.as_str(), l.user.as_str())).collect();
-            match db::rooms::memberships_among(&pool, &pairs).await {
-                Ok(found) => {
-                    let found: HashSet<(&str, &str)> = found.iter().map(|(r, u)| (r.as_str(), u.as_str())).collect();
-                    drop(pairs);
-                    for l in batch {
-                        let member = found.contains(&(l.room.as_str(), l.user.as_str()));
-                        let _ = l.answer.send(Ok(member));
-                    }
-                }
-                Err(e) => {
-                    let e = ApiError::from(e);
-                    for l in batch {
-                        let _ = l.answer.send(Err(e.clone()));
-                    }
+/// Asks about every queued lookup in one query whenever a slot is free:
+/// one batch at a time, the other slots left to lookups that find one.
+async fn batch_lookups(
+    pool: PgPool,
+    slots: Arc<Semaphore>,
+    mut rx: mpsc::UnboundedReceiver<Lookup>,
+    queries: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, BATCH_MAX).await > 0 {
+        let Ok(_slot) = slots.acquire().await else { return };
+        // Lookups queued while the slot was awaited join this batch.
+        if batch.len() < BATCH_MAX {
+            while let Ok(l) = rx.try_recv() {
+                batch.push(l);
+                if batch.len() == BATCH_MAX {
+                    break;
                 }
             }
-            drop(slot);
-        });
+        }
+        queries.fetch_add(1, Ordering::Relaxed);
+        let pairs: Vec<(&str, &str)> = batch.iter().map(|l| (l.room.as_str(), l.user.as_str())).collect();
+        let found = db::rooms::memberships_among(&pool, &pairs).await;
+        drop(pairs);
+        match found {
+            Ok(found) => {
+                let found: HashSet<(&str, &str)> = found.iter().map(|(r, u)| (r.as_str(), u.as_str())).collect();
+                for l in batch.drain(..) {
+                    let member = found.contains(&(l.room.as_str(), l.user.as_str()));
+                    let _ = l.answer.send(Ok(member));
+                }
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                for l in batch.drain(..) {
+                    let _ = l.answer.send(Err(e.clone()));
+                }
+            }
+        }
     }
 }
