@@ -24,4 +24,5 @@ pub mod ids;
 pub mod notifier;
 pub mod push;
 pub mod shutdown;
+pub mod tasks;
 pub mod telemetry;

@@ -26,6 +26,7 @@ use crate::{
         subjects,
     },
     ids::{NodeId, UserId},
+    tasks::alongside,
 };
 
 /// How long an offline entry (which carries `last_seen`) is kept.
@@ -413,7 +414,7 @@ impl Presence {
 
 /// Writes entries in the order they were decided; acks are awaited together.
 ///
-/// The acks are polled even while a publish waits. async-nats lets one
+/// The acks are polled even while a publish waits ([`alongside`]). async-nats lets one
 /// JetStream context have 5 000 publishes unacknowledged (the gateway's
 /// message sends share them), and gives a permit back only when its ack
 /// future completes. A writer that stopped polling its acks while it waited
@@ -432,17 +433,7 @@ async fn write_loop(
     }
     let nats = js.client();
     let mut acks = FuturesUnordered::new();
-    loop {
-        let w = tokio::select! {
-            w = rx.recv() => match w {
-                Some(w) => w,
-                None => break,
-            },
-            Some(r) = acks.next(), if !acks.is_empty() => {
-                acked(r);
-                continue;
-            }
-        };
+    while let Some(w) = alongside(rx.recv(), &mut acks, acked).await {
         if w.refresh {
             match presence::refresh(&nats, &w.user, &node, &w.entry, w.ttl).await {
                 Ok(()) => {
@@ -451,15 +442,7 @@ async fn write_loop(
                 Err(e) => tracing::warn!(user = %w.user, error = %e, "presence refresh failed"),
             }
         } else {
-            let send = presence::send(&js, &w.user, &node, &w.entry, w.ttl);
-            tokio::pin!(send);
-            let sent = loop {
-                tokio::select! {
-                    sent = &mut send => break sent,
-                    Some(r) = acks.next(), if !acks.is_empty() => acked(r),
-                }
-            };
-            match sent {
+            match alongside(presence::send(&js, &w.user, &node, &w.entry, w.ttl), &mut acks, acked).await {
                 Ok(fut) => {
                     metrics.presence_updates.inc();
                     acks.push(fut.into_future())

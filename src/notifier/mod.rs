@@ -279,22 +279,21 @@ impl<Fut: std::future::Future<Output = Option<Duration>>> InHand<Fut> {
 
     /// A batch is done; `wait` is the pause it asks for (the later one wins).
     fn pause_for(&mut self, wait: Option<Duration>) {
-        let until = wait.map(|w| tokio::time::Instant::now() + w);
-        if let Some(until) = until.filter(|u| !self.paused || *u > self.resume.deadline()) {
-            self.resume.as_mut().reset(until);
-            self.paused = true;
-        }
+        pause_for(&mut self.resume, &mut self.paused, wait);
     }
 
     /// Runs `fut` while the batches in hand go on.
     async fn alongside<T>(&mut self, fut: impl std::future::Future<Output = T>) -> T {
-        let mut fut = std::pin::pin!(fut);
-        loop {
-            tokio::select! {
-                out = &mut fut => return out,
-                Some(wait) = self.futs.next(), if !self.futs.is_empty() => self.pause_for(wait),
-            }
-        }
+        let Self { futs, resume, paused } = self;
+        crate::tasks::alongside(fut, futs, |wait| pause_for(resume, paused, wait)).await
+    }
+}
+
+fn pause_for(resume: &mut Pin<Box<tokio::time::Sleep>>, paused: &mut bool, wait: Option<Duration>) {
+    let until = wait.map(|w| tokio::time::Instant::now() + w);
+    if let Some(until) = until.filter(|u| !*paused || *u > resume.deadline()) {
+        resume.as_mut().reset(until);
+        *paused = true;
     }
 }
 

@@ -28,7 +28,9 @@ use natter::{
 
 use crate::{
     assert_eventually,
-    helpers::{TestDb, TestEmulator, create_room, free_port, http, spawn_gateway_at, spawn_notifier_at, token},
+    helpers::{
+        TestDb, TestEmulator, create_room, free_port, http, nats_settings, spawn_gateway_at, spawn_notifier_at, token,
+    },
 };
 
 const GATEWAY_PASSWORD: &str = "test-gateway-password";
@@ -173,14 +175,7 @@ impl User {
 }
 
 fn settings(nats: &ConfiguredNats) -> NatsSettings {
-    NatsSettings {
-        nats_url: nats.url(),
-        nats_user: None,
-        nats_password: None,
-        stream_replicas: 1,
-        stream_max_age: Duration::from_secs(3600),
-        stream_max_per_room: 100,
-    }
+    nats_settings(nats.url())
 }
 
 /// What the gateway sets up at start, with natter's own code: the CHAT stream

@@ -259,7 +259,6 @@ async fn presence_writes_beyond_the_unacknowledged_publish_limit_are_all_stored(
 
     use natter::{
         bus::presence as bus,
-        config::NatsSettings,
         gateway::{
             metrics::Metrics,
             presence::{Presence, PresenceSettings},
@@ -270,15 +269,7 @@ async fn presence_writes_beyond_the_unacknowledged_publish_limit_are_all_stored(
     let nats = NatsServer::start();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::ContextBuilder::new().max_ack_inflight(4).build(client.clone());
-    let settings = NatsSettings {
-        nats_url: nats.url(),
-        nats_user: None,
-        nats_password: None,
-        stream_replicas: 1,
-        stream_max_age: Duration::from_secs(3600),
-        stream_max_per_room: 100,
-    };
-    bus::ensure_bucket(&js, &settings).await.unwrap();
+    bus::ensure_bucket(&js, &nats_settings(nats.url())).await.unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let presence = Presence::start(
         js.clone(),

@@ -8,6 +8,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The gateway's NATS settings for a test server at `url`: one replica, a
+/// short stream age.
+pub fn nats_settings(url: String) -> natter::config::NatsSettings {
+    natter::config::NatsSettings {
+        nats_url: url,
+        nats_user: None,
+        nats_password: None,
+        stream_replicas: 1,
+        stream_max_age: Duration::from_secs(3600),
+        stream_max_per_room: 100,
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
