@@ -67,6 +67,20 @@ pub enum JwtAlg {
 }
 
 /// How tokens are checked: the algorithm is pinned; only that one is accepted.
+/// How a gateway receives the live traffic of its rooms (messages, typing,
+/// events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoomSubscriptions {
+    /// One NATS subscription per room with a local member: the gateway
+    /// receives only its rooms' traffic, and each such room costs ~6.7 KiB
+    /// (async-nats allocates a 32-message channel block per subscription).
+    PerRoom,
+    /// One NATS subscription for every room: each room costs ~1.5 KiB, and
+    /// the gateway also receives (and drops) the traffic of rooms it has no
+    /// member of, as a Socket.IO Redis adapter does.
+    Shared,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct JwtSettings {
     /// JWT algorithm; the only one accepted.
@@ -189,6 +203,12 @@ pub struct GatewaySettings {
     /// the HS256 secret (the web client's sign-in). Never in production.
     #[arg(long, env = "NATTER_DEV", default_value_t = false)]
     pub dev: bool,
+    /// How the gateway receives its rooms' live traffic: `per-room` (a NATS
+    /// subscription per room with a local member) or `shared` (one for all
+    /// rooms; far less memory per room, but every room's traffic reaches
+    /// every gateway). docs/architecture.md says which to choose.
+    #[arg(long, env = "NATTER_ROOM_SUBSCRIPTIONS", value_enum, default_value_t = RoomSubscriptions::PerRoom)]
+    pub room_subscriptions: RoomSubscriptions,
     /// Test hook: drop every Nth live delivery before gap detection (0 = off).
     #[arg(long, env = "NATTER_FAULT_DROP_LIVE_EVERY", default_value_t = 0, hide = true)]
     pub fault_drop_live_every: u64,

@@ -49,6 +49,13 @@ macro_rules! id_type {
             }
         }
 
+        /// Map lookups by the id's text (a subject token, say).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)

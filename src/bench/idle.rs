@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures::StreamExt;
+use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use serde_json::{Value, json};
 
 use super::{Ws, connect, create_rooms, extend, join, procstat::Servers, round, run_id};
@@ -17,9 +18,14 @@ pub struct IdleArgs {
     /// Connections in all.
     #[arg(long, default_value_t = 5000)]
     pub connections: usize,
-    /// Members per room; every connection joins its room.
+    /// Members per room; every connection joins its rooms.
     #[arg(long, default_value_t = 10)]
     pub room_size: usize,
+    /// Rooms each connection is a member of and joins. The first groups the
+    /// users in order; the members of each further one are drawn at random,
+    /// as a user's direct chats are (so a room's members are on any gateway).
+    #[arg(long, default_value_t = 1)]
+    pub rooms_per_connection: usize,
     /// How long the connections are held idle (measured).
     #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
     pub hold: Duration,
@@ -33,8 +39,22 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Idl
     let id = run_id();
     let size = a.room_size.max(1);
     let users: Vec<String> = (0..a.connections).map(|i| format!("i{id}-{i}")).collect();
-    let rooms: Vec<(String, Vec<String>)> =
-        users.chunks(size).enumerate().map(|(r, members)| (format!("i{id}-{r}"), members.to_vec())).collect();
+    let mut rooms: Vec<(String, Vec<String>)> = Vec::new();
+    // The rooms of each connection, as indexes into `rooms`.
+    let mut rooms_of: Vec<Vec<usize>> = vec![Vec::new(); users.len()];
+    let mut order: Vec<usize> = (0..users.len()).collect();
+    for layer in 0..a.rooms_per_connection.max(1) {
+        if layer > 0 {
+            order.shuffle(&mut StdRng::seed_from_u64(layer as u64));
+        }
+        for chunk in order.chunks(size) {
+            for &u in chunk {
+                rooms_of[u].push(rooms.len());
+            }
+            let members = chunk.iter().map(|&u| users[u].clone()).collect();
+            rooms.push((format!("i{id}-{layer}-{}", rooms.len()), members));
+        }
+    }
     create_rooms(gateways, signer, &rooms, 16).await?;
 
     let baseline = servers.snapshot();
@@ -56,9 +76,11 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Idl
     let t = Instant::now();
     let joined: Vec<anyhow::Result<(usize, Ws)>> = futures::stream::iter(conns.drain(..))
         .map(|(i, mut ws)| {
-            let room = &rooms[i / size].0;
+            let (rooms, mine) = (&rooms, &rooms_of[i]);
             async move {
-                join(&mut ws, room, None).await?;
+                for &r in mine {
+                    join(&mut ws, &rooms[r].0, None).await?;
+                }
                 anyhow::Ok((i, ws))
             }
         })
@@ -96,6 +118,9 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Idl
     let mut out = json!({
         "scenario": "idle",
         "connections": a.connections,
+        "rooms": rooms.len(),
+        "rooms_per_connection": a.rooms_per_connection.max(1),
+        "room_size": size,
         "gateways": gateways.len(),
         "connected": ok,
         "failed_handshakes": failed,

@@ -34,6 +34,16 @@ pub fn live_room(room: &RoomId) -> String {
     format!("live.room.{room}.>")
 }
 
+/// Every room's live traffic: the one subscription of a gateway that
+/// receives its rooms' traffic through a shared subscription.
+pub const ALL_LIVE_ROOMS: &str = "live.room.*.>";
+
+/// The room token of a subject under [`live_room`] (unchecked: it is only
+/// looked up among the rooms the gateway has).
+pub fn room_of_live(subject: &str) -> Option<&str> {
+    subject.strip_prefix("live.room.")?.split('.').next()
+}
+
 /// What a subject under [`live_room`] carries (its last token).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Live {
@@ -130,5 +140,9 @@ mod tests {
         let republished = LIVE_REPUBLISH_DEST.replace("{{wildcard(1)}}", "general");
         assert_eq!(Live::of(&republished), Some(Live::Message));
         assert_eq!(Live::of("live.room.general.other"), None);
+        for subject in [room_typing(&room), room_event(&room), republished] {
+            assert_eq!(room_of_live(&subject), Some("general"), "{subject}");
+        }
+        assert_eq!(room_of_live("chat.room.general.msg"), None);
     }
 }

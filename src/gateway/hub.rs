@@ -1,9 +1,16 @@
 //! Local rooms ↔ connections. The first local member of a room starts its
-//! room task (and so its NATS subscriptions); the last one to leave ends it.
+//! room task (and so its NATS subscription); the last one to leave ends it.
+//! With shared subscriptions the hub holds the gateway's one subscription to
+//! every room's live traffic and hands each message to its room's task, or
+//! drops it when the room has no local member.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Weak},
+};
 
-use futures::channel::mpsc;
+use async_nats::Subscriber;
+use futures::{StreamExt, channel::mpsc};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -11,7 +18,13 @@ use super::{
     outbound::ConnHandle,
     room::{self, RoomCmd, RoomDeps},
 };
-use crate::{bus::directget::ReadError, ids::RoomId};
+use crate::{
+    bus::{directget::ReadError, subjects},
+    ids::RoomId,
+};
+
+/// Most live messages routed under one lock of the room map.
+const ROUTE_BATCH: usize = 64;
 
 struct Slot {
     /// futures' channel, not tokio's: commands are rare (joins, leaves) and
@@ -29,8 +42,17 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(deps: RoomDeps) -> Self {
-        Self { deps: Arc::new(deps), rooms: Mutex::new(HashMap::new()) }
+    /// The hub; with `deps.shared_subscription`, also its subscription to
+    /// every room's live traffic, made before this returns (so a failure to
+    /// subscribe is a startup error) and routed by a task of its own.
+    pub async fn start(deps: RoomDeps) -> Result<Arc<Self>, async_nats::SubscribeError> {
+        let shared = deps.shared_subscription.then(|| deps.nats.clone());
+        let hub = Arc::new(Self { deps: Arc::new(deps), rooms: Mutex::new(HashMap::new()) });
+        if let Some(nats) = shared {
+            let live = nats.subscribe(subjects::ALL_LIVE_ROOMS).await?;
+            tokio::spawn(route(Arc::downgrade(&hub), live));
+        }
+        Ok(hub)
     }
 
     /// Adds `conn` to `room` in buffering state and returns the room's last
@@ -88,5 +110,28 @@ impl Hub {
     /// Rooms with a room task on this gateway.
     pub fn room_count(&self) -> usize {
         self.rooms.lock().len()
+    }
+}
+
+/// Hands each message of the shared subscription to its room's task, a batch
+/// of ready messages per lock of the room map. Messages of rooms without a
+/// local member are dropped (counted in `natter_live_unrouted_total`).
+async fn route(hub: Weak<Hub>, live: Subscriber) {
+    let mut batches = live.ready_chunks(ROUTE_BATCH);
+    while let Some(batch) = batches.next().await {
+        let Some(hub) = hub.upgrade() else { return };
+        let mut unrouted = 0;
+        {
+            let rooms = hub.rooms.lock();
+            for msg in batch {
+                match subjects::room_of_live(msg.subject.as_str()).and_then(|r| rooms.get(r)) {
+                    Some(slot) => {
+                        let _ = slot.tx.unbounded_send(RoomCmd::Live(Box::new(msg)));
+                    }
+                    None => unrouted += 1,
+                }
+            }
+        }
+        hub.deps.metrics.live_unrouted.inc_by(unrouted);
     }
 }

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// Lost live deliveries repaired from the stream.
     pub gap_repairs: Counter,
+    /// Live messages of the shared subscription for rooms without a local
+    /// member (received and dropped).
+    pub live_unrouted: Counter,
     /// Presence changes written by this gateway.
     pub presence_updates: Counter,
     /// PostgreSQL pool connections by state (`idle`, `used`), read at scrape.
@@ -71,6 +74,7 @@ impl Default for Metrics {
             publish_latency: latency(),
             delivery_latency: latency(),
             gap_repairs: Counter::default(),
+            live_unrouted: Counter::default(),
             presence_updates: Counter::default(),
             db_pool: Family::default(),
         }
@@ -89,6 +93,11 @@ impl Metrics {
         r.register("publish_latency_seconds", "Publish to JetStream ack", self.publish_latency.clone());
         r.register("delivery_latency_seconds", "Message stamp to local delivery", self.delivery_latency.clone());
         r.register("gap_repairs", "Lost live deliveries repaired from the stream", self.gap_repairs.clone());
+        r.register(
+            "live_unrouted",
+            "Live messages of the shared subscription for rooms without a local member",
+            self.live_unrouted.clone(),
+        );
         r.register("presence_updates", "Presence changes written", self.presence_updates.clone());
         r.register("db_pool_connections", "PostgreSQL pool connections by state", self.db_pool.clone());
         r

@@ -40,7 +40,12 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{auth::Verifier, bus, config::GatewaySettings, ids::NodeId};
+use crate::{
+    auth::Verifier,
+    bus,
+    config::{GatewaySettings, RoomSubscriptions},
+    ids::NodeId,
+};
 
 /// Shared state of one gateway, cloned into every handler and connection:
 /// one pointer. (By value it was 3.4 KiB — the stream and object store
@@ -118,12 +123,15 @@ impl Gateway {
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let metrics = Arc::new(metrics::Metrics::default());
-        let hub = hub::Hub::new(room::RoomDeps {
+        let hub = hub::Hub::start(room::RoomDeps {
             metrics: metrics.clone(),
             nats: nats.clone(),
             stream: stream.clone(),
+            shared_subscription: settings.room_subscriptions == RoomSubscriptions::Shared,
             drop_live_every: settings.fault_drop_live_every,
-        });
+        })
+        .await
+        .context("cannot subscribe to the rooms' live traffic")?;
         let shutdown = CancellationToken::new();
         let membership = Arc::new(membership::Membership::new(settings.membership_cache_ttl, db.clone()));
         let presence = presence::Presence::start(
@@ -155,7 +163,7 @@ impl Gateway {
             stream: Arc::new(stream),
             attachments,
             verifier: Arc::new(verifier),
-            hub: Arc::new(hub),
+            hub,
             shutdown,
             accepting: Arc::new(AtomicBool::new(true)),
             dev_signer,

@@ -1,13 +1,15 @@
-//! One task per room that has members on this gateway. It owns the room's
-//! one core subscription, `live.room.<r>.>`: stored messages from the
+//! One task per room that has members on this gateway. It receives the
+//! room's live traffic, `live.room.<r>.>`: stored messages from the
 //! stream's RePublish (`.msg`), room events (`.event`) and typing
-//! (`.typing`). It keeps the last sequence delivered, drops duplicates,
+//! (`.typing`), from a core subscription of its own or, with shared
+//! subscriptions, from the hub's one subscription for every room
+//! ([`RoomCmd::Live`]). It keeps the last sequence delivered, drops duplicates,
 //! repairs gaps from the stream before delivering later messages, encodes each
 //! message once and hands the same bytes to every local member.
 
 use std::{collections::HashMap, sync::Arc};
 
-use async_nats::{Client, Message, jetstream::stream::Stream};
+use async_nats::{Client, Message, Subscriber, jetstream::stream::Stream};
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
 use futures::channel::mpsc;
@@ -44,6 +46,9 @@ pub enum RoomCmd {
     },
     /// Re-read the stream for messages after the last delivered one.
     CheckTail,
+    /// Live traffic of the room, from the hub's shared subscription. Boxed:
+    /// the channel keeps a node of the command's size for the room's life.
+    Live(Box<Message>),
 }
 
 /// What a room task needs from the gateway.
@@ -52,6 +57,9 @@ pub struct RoomDeps {
     pub metrics: Arc<super::metrics::Metrics>,
     pub nats: Client,
     pub stream: Stream,
+    /// The hub's one subscription brings every room's live traffic
+    /// ([`RoomCmd::Live`]); room tasks subscribe to nothing themselves.
+    pub shared_subscription: bool,
     /// Test hook: drop every Nth live delivery (0 = off).
     pub drop_live_every: u64,
 }
@@ -76,19 +84,23 @@ struct Room {
 /// handle alone is ~1.6 KiB) and the rarely taken paths that await are boxed
 /// (heaptrack: 7.4 KiB per room task before).
 pub async fn run(id: RoomId, deps: Arc<RoomDeps>, mut cmds: mpsc::UnboundedReceiver<RoomCmd>) {
-    // One subscription (a NATS subscription holds a channel block of ~5 KiB).
-    let mut live = match deps.nats.subscribe(subjects::live_room(&id)).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(room = %id, error = %e, "cannot subscribe to room");
-            while let Some(cmd) = cmds.next().await {
-                if let RoomCmd::Join { reply, .. } = cmd {
-                    let _ = reply.send(Err(ReadError::Nats(e.to_string())));
+    // A subscription of its own (it holds a channel block of ~5.9 KiB) unless
+    // the hub's shared one brings the traffic.
+    let mut live = None;
+    if !deps.shared_subscription {
+        match deps.nats.subscribe(subjects::live_room(&id)).await {
+            Ok(s) => live = Some(s),
+            Err(e) => {
+                tracing::error!(room = %id, error = %e, "cannot subscribe to room");
+                while let Some(cmd) = cmds.next().await {
+                    if let RoomCmd::Join { reply, .. } = cmd {
+                        let _ = reply.send(Err(ReadError::Nats(e.to_string())));
+                    }
                 }
+                return;
             }
-            return;
         }
-    };
+    }
     let mut room =
         Room { subject: subjects::room_msg(&id), id, deps, last: None, members: HashMap::new(), live_seen: 0 };
     Box::pin(room.init()).await;
@@ -99,31 +111,45 @@ pub async fn run(id: RoomId, deps: Arc<RoomDeps>, mut cmds: mpsc::UnboundedRecei
     tokio::pin!(tail_check);
     let mut armed = false;
     loop {
-        tokio::select! {
+        let msg = tokio::select! {
             biased;
             cmd = cmds.next() => match cmd {
-                Some(cmd) => Box::pin(room.command(cmd)).await,
+                Some(RoomCmd::Live(msg)) => *msg,
+                Some(cmd) => {
+                    Box::pin(room.command(cmd)).await;
+                    continue;
+                }
                 None => break,
             },
-            Some(msg) = live.next() => match subjects::Live::of(msg.subject.as_str()) {
-                Some(subjects::Live::Message) => {
-                    if let Some((seq, prev, msg)) = room.on_live_in_order(msg) {
-                        Box::pin(room.on_live(seq, prev, msg)).await;
-                    }
-                    tail_check.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK_AFTER);
-                    armed = true;
-                }
-                Some(subjects::Live::Event) => room.on_event(msg),
-                Some(subjects::Live::Typing) => room.on_typing(msg),
-                None => {}
-            },
+            Some(msg) = next_live(&mut live) => msg,
             _ = &mut tail_check, if armed => {
                 armed = false;
                 Box::pin(room.check_tail()).await;
+                continue;
             }
+        };
+        match subjects::Live::of(msg.subject.as_str()) {
+            Some(subjects::Live::Message) => {
+                if let Some((seq, prev, msg)) = room.on_live_in_order(msg) {
+                    Box::pin(room.on_live(seq, prev, msg)).await;
+                }
+                tail_check.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK_AFTER);
+                armed = true;
+            }
+            Some(subjects::Live::Event) => room.on_event(msg),
+            Some(subjects::Live::Typing) => room.on_typing(msg),
+            None => {}
         }
     }
     tracing::debug!(room = %room.id, "room task ends");
+}
+
+/// The next message of the room's own subscription; never, without one.
+async fn next_live(live: &mut Option<Subscriber>) -> Option<Message> {
+    match live {
+        Some(sub) => sub.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Room {
@@ -170,6 +196,7 @@ impl Room {
                 self.members.remove(&conn_id);
             }
             RoomCmd::CheckTail => self.check_tail().await,
+            RoomCmd::Live(_) => unreachable!("taken by the task's loop"),
         }
     }
 

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use serde_json::json;
 
-use crate::helpers::*;
+use crate::{assert_eventually, helpers::*};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_each_side_sees_the_other_in_order_once() {
@@ -118,7 +118,18 @@ async fn a_retried_client_id_returns_the_same_seq_and_stores_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_with_since_replays_the_missed_then_goes_live_without_gap_or_dupe() {
-    let s = Stack::start().await;
+    reconnect_with_since(Stack::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_with_since_holds_its_seam_with_a_shared_subscription() {
+    reconnect_with_since(Stack::with(SHARED, SHARED).await).await;
+}
+
+/// Gateways that receive every room's live traffic on one subscription.
+const SHARED: &[&str] = &["--room-subscriptions", "shared"];
+
+async fn reconnect_with_since(s: Stack) {
     create_room(&s.gw1.http(), "alice", "r", &["bob"]).await;
     let mut bob = Client::connect(s.gw2.addr, "bob").await;
     bob.join("r", None).await;
@@ -156,7 +167,16 @@ async fn reconnect_with_since_replays_the_missed_then_goes_live_without_gap_or_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_live_deliveries_are_repaired_from_the_stream() {
     // gw2 drops every third republished message before gap detection.
-    let s = Stack::with(&[], &["--fault-drop-live-every", "3"]).await;
+    lost_live_deliveries_repaired(Stack::with(&[], &["--fault-drop-live-every", "3"]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_live_deliveries_are_repaired_with_a_shared_subscription() {
+    let gw2 = [SHARED, &["--fault-drop-live-every", "3"]].concat();
+    lost_live_deliveries_repaired(Stack::with(SHARED, &gw2).await).await;
+}
+
+async fn lost_live_deliveries_repaired(s: Stack) {
     create_room(&s.gw1.http(), "alice", "r", &["bob"]).await;
     let mut bob = Client::connect(s.gw2.addr, "bob").await;
     bob.join("r", None).await;
@@ -202,5 +222,55 @@ async fn leave_stops_delivery_and_read_markers_reach_the_others() {
     bob.send(json!({"type":"leave","room":"r"})).await;
     assert_eq!(bob.expect("left").await["room"], "r");
     alice.send_msg("r", "y", "gone?").await;
+    bob.expect_silence(std::time::Duration::from_millis(500)).await;
+}
+
+/// With one subscription for every room, each room's task still gets its
+/// room's messages, typing and read markers, and nothing of other rooms; a
+/// gateway drops (and counts) the traffic of rooms it has no member of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_routes_each_rooms_traffic_to_its_members_only() {
+    let s = Stack::with(SHARED, SHARED).await;
+    create_room(&s.gw1.http(), "alice", "r", &["bob"]).await;
+    create_room(&s.gw1.http(), "carol", "elsewhere", &["dave"]).await;
+    let mut alice = Client::connect(s.gw1.addr, "alice").await;
+    let mut bob = Client::connect(s.gw2.addr, "bob").await;
+    let mut carol = Client::connect(s.gw1.addr, "carol").await;
+    let mut dave = Client::connect(s.gw1.addr, "dave").await;
+    alice.join("r", None).await;
+    bob.join("r", None).await;
+    carol.join("elsewhere", None).await;
+    dave.join("elsewhere", None).await;
+    let unrouted_before = metric(s.gw2.addr, "natter_live_unrouted_total").await;
+
+    let seq = alice.send_msg("r", "a1", "to bob").await;
+    let other = carol.send_msg("elsewhere", "c1", "to dave").await;
+    carol.send(json!({"type":"typing","room":"elsewhere","active":true})).await;
+    let got = bob.messages("r", 1).await;
+    assert_eq!((got[0]["seq"].as_u64(), got[0]["body"].as_str()), (Some(seq), Some("to bob")));
+    assert_eq!(alice.messages("r", 1).await[0]["seq"], seq, "the sender gets its own message");
+    let got = dave.messages("elsewhere", 1).await;
+    assert_eq!((got[0]["seq"].as_u64(), got[0]["body"].as_str()), (Some(other), Some("to dave")));
+    assert_eq!(dave.expect("typing").await["user"], "carol");
+
+    alice.send(json!({"type":"typing","room":"r","active":true})).await;
+    assert_eq!(bob.expect("typing").await, json!({"type":"typing","room":"r","user":"alice","active":true}));
+    bob.send(json!({"type":"read","room":"r","seq":seq})).await;
+    assert_eq!(alice.expect("read").await, json!({"type":"read","room":"r","user":"bob","seq":seq}));
+    alice.expect_silence(std::time::Duration::from_millis(300)).await;
+    carol.messages("elsewhere", 1).await;
+    carol.expect_silence(std::time::Duration::from_millis(300)).await;
+    bob.expect_silence(std::time::Duration::from_millis(300)).await;
+    // gw2 has no member of "elsewhere": its message and typing were dropped there.
+    assert_eventually!(
+        std::time::Duration::from_secs(5),
+        metric(s.gw2.addr, "natter_live_unrouted_total").await >= unrouted_before + 2,
+        "gw2 counts the traffic of rooms it has no member of"
+    );
+
+    // After bob leaves, gw2 has no room task for "r": nothing reaches bob.
+    bob.send(json!({"type":"leave","room":"r"})).await;
+    bob.expect("left").await;
+    alice.send_msg("r", "a2", "gone?").await;
     bob.expect_silence(std::time::Duration::from_millis(500)).await;
 }

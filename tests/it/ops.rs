@@ -29,7 +29,8 @@ use natter::{
 use crate::{
     assert_eventually,
     helpers::{
-        TestDb, TestEmulator, create_room, free_port, http, nats_settings, spawn_gateway_at, spawn_notifier_at, token,
+        Client as WsClient, TestDb, TestEmulator, create_room, free_port, http, nats_settings, spawn_gateway_at,
+        spawn_notifier_at, token,
     },
 };
 
@@ -407,4 +408,23 @@ async fn gateway_and_notifier_run_under_their_nats_users() {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap() == 1,
         "archived under the notifier user"
     );
+}
+
+/// A gateway with one subscription for every room may make it under its NATS
+/// user, and delivers through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_gateway_delivers_under_its_nats_user() {
+    let nats = ConfiguredNats::start();
+    let db = TestDb::new().await;
+    let creds = ["--nats-user", "gateway", "--nats-password", GATEWAY_PASSWORD, "--room-subscriptions", "shared"];
+    let gw = spawn_gateway_at(&nats.url(), &db, "gw1", &creds).await;
+    create_room(&gw.http(), "alice", "general", &["bob"]).await;
+    let mut alice = WsClient::connect(gw.addr, "alice").await;
+    let mut bob = WsClient::connect(gw.addr, "bob").await;
+    alice.join("general", None).await;
+    bob.join("general", None).await;
+    let seq = alice.send_msg("general", "m1", "hi").await;
+    assert_eq!(bob.messages("general", 1).await[0]["seq"], seq);
+    alice.send(serde_json::json!({"type": "typing", "room": "general", "active": true})).await;
+    assert_eq!(bob.expect("typing").await["user"], "alice");
 }
