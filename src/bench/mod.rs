@@ -40,6 +40,10 @@ pub struct BenchSettings {
     /// Other server process ids to measure (nats-server), comma-separated.
     #[arg(long, env = "NATTER_BENCH_SERVER_PIDS", value_delimiter = ',')]
     pub server_pids: Vec<u32>,
+    /// Recorded as `label` in the output line: what the run compares (the
+    /// gateways' settings, the build), so a results file tells its runs apart.
+    #[arg(long, env = "NATTER_BENCH_LABEL")]
+    pub label: Option<String>,
     #[command(subcommand)]
     pub scenario: Scenario,
 }
@@ -48,7 +52,7 @@ pub struct BenchSettings {
 pub enum Scenario {
     /// R rooms × M members across the gateways, senders at a fixed total rate (or `--saturate`).
     Fanout(fanout::FanoutArgs),
-    /// N authenticated connections, each joined to one room, held idle.
+    /// N authenticated connections, each joined to its rooms, held idle.
     Idle(idle::IdleArgs),
     /// Connect/disconnect storm with resume.
     Churn(churn::ChurnArgs),
@@ -66,7 +70,7 @@ pub async fn run(s: BenchSettings) -> anyhow::Result<()> {
     let signer = Signer::hs256(s.jwt_secret.expose());
     let procs = procstat::Servers::new(&s.gateway_pids, &s.notifier_pids, &s.server_pids)?;
     raise_open_files_limit();
-    let line = match s.scenario {
+    let mut line = match s.scenario {
         Scenario::Fanout(a) => fanout::run(&gateways, &signer, &procs, a).await?,
         Scenario::Idle(a) => idle::run(&gateways, &signer, &procs, a).await?,
         Scenario::Churn(a) => churn::run(&gateways, &signer, &procs, a).await?,
@@ -74,6 +78,9 @@ pub async fn run(s: BenchSettings) -> anyhow::Result<()> {
         Scenario::Presence(a) => presence::run(&gateways, &signer, a).await?,
         Scenario::Notifier(a) => notifier::run(&gateways, &signer, &procs, a).await?,
     };
+    if let Some(label) = s.label {
+        extend(&mut line, serde_json::json!({ "label": label }));
+    }
     println!("{line}");
     Ok(())
 }
