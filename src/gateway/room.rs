@@ -11,8 +11,8 @@ use std::{collections::HashMap, sync::Arc};
 
 use async_nats::{Client, Message, Subscriber, jetstream::stream::Stream};
 use axum::extract::ws::Utf8Bytes;
-use futures::StreamExt;
 use futures::channel::mpsc;
+use futures::{StreamExt, future::BoxFuture};
 use tokio::sync::oneshot;
 
 use super::outbound::{ConnHandle, close};
@@ -86,19 +86,12 @@ struct Room {
 pub async fn run(id: RoomId, deps: Arc<RoomDeps>, mut cmds: mpsc::UnboundedReceiver<RoomCmd>) {
     // A subscription of its own (it holds a channel block of ~5.9 KiB) unless
     // the hub's shared one brings the traffic.
+    // The rarely taken paths that await are boxed, to keep this future small.
     let mut live = None;
     if !deps.shared_subscription {
-        match deps.nats.subscribe(subjects::live_room(&id)).await {
+        match Box::pin(deps.nats.subscribe(subjects::live_room(&id))).await {
             Ok(s) => live = Some(s),
-            Err(e) => {
-                tracing::error!(room = %id, error = %e, "cannot subscribe to room");
-                while let Some(cmd) = cmds.next().await {
-                    if let RoomCmd::Join { reply, .. } = cmd {
-                        let _ = reply.send(Err(ReadError::Nats(e.to_string())));
-                    }
-                }
-                return;
-            }
+            Err(e) => return Box::pin(refuse_joins(id, e, cmds)).await,
         }
     }
     let mut room =
@@ -111,37 +104,41 @@ pub async fn run(id: RoomId, deps: Arc<RoomDeps>, mut cmds: mpsc::UnboundedRecei
     tokio::pin!(tail_check);
     let mut armed = false;
     loop {
-        let msg = tokio::select! {
+        // Each branch ends in a plain call that answers what is left to
+        // await, if anything, boxed: no message is held in this future
+        // across an await (it stays small, ~0.6 KiB, for every room).
+        let (rest, traffic) = tokio::select! {
             biased;
             cmd = cmds.next() => match cmd {
-                Some(RoomCmd::Live(msg)) => *msg,
-                Some(cmd) => {
-                    Box::pin(room.command(cmd)).await;
-                    continue;
-                }
+                Some(RoomCmd::Live(msg)) => room.take_live(*msg),
+                Some(cmd) => (Some(Box::pin(room.command(cmd)) as BoxFuture<'_, ()>), false),
                 None => break,
             },
-            Some(msg) = next_live(&mut live) => msg,
+            Some(msg) = next_live(&mut live) => room.take_live(msg),
             _ = &mut tail_check, if armed => {
                 armed = false;
-                Box::pin(room.check_tail()).await;
-                continue;
+                (Some(Box::pin(room.check_tail()) as BoxFuture<'_, ()>), false)
             }
         };
-        match subjects::Live::of(msg.subject.as_str()) {
-            Some(subjects::Live::Message) => {
-                if let Some((seq, prev, msg)) = room.on_live_in_order(msg) {
-                    Box::pin(room.on_live(seq, prev, msg)).await;
-                }
-                tail_check.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK_AFTER);
-                armed = true;
-            }
-            Some(subjects::Live::Event) => room.on_event(msg),
-            Some(subjects::Live::Typing) => room.on_typing(msg),
-            None => {}
+        if let Some(rest) = rest {
+            rest.await;
+        }
+        if traffic {
+            tail_check.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK_AFTER);
+            armed = true;
         }
     }
     tracing::debug!(room = %room.id, "room task ends");
+}
+
+/// A room that could not subscribe answers every join with the error.
+async fn refuse_joins(id: RoomId, e: async_nats::SubscribeError, mut cmds: mpsc::UnboundedReceiver<RoomCmd>) {
+    tracing::error!(room = %id, error = %e, "cannot subscribe to room");
+    while let Some(cmd) = cmds.next().await {
+        if let RoomCmd::Join { reply, .. } = cmd {
+            let _ = reply.send(Err(ReadError::Nats(e.to_string())));
+        }
+    }
 }
 
 /// The next message of the room's own subscription; never, without one.
@@ -197,6 +194,29 @@ impl Room {
             }
             RoomCmd::CheckTail => self.check_tail().await,
             RoomCmd::Live(_) => unreachable!("taken by the task's loop"),
+        }
+    }
+
+    /// Takes one message of the room's live traffic: answers what must be
+    /// awaited before the next (a stream read, for a gap), and whether it
+    /// was a stored message (which arms the tail check).
+    fn take_live(&mut self, msg: Message) -> (Option<BoxFuture<'_, ()>>, bool) {
+        match subjects::Live::of(msg.subject.as_str()) {
+            Some(subjects::Live::Message) => {
+                let rest = self
+                    .on_live_in_order(msg)
+                    .map(|(seq, prev, msg)| Box::pin(self.on_live(seq, prev, msg)) as BoxFuture<'_, ()>);
+                (rest, true)
+            }
+            Some(subjects::Live::Event) => {
+                self.on_event(msg);
+                (None, false)
+            }
+            Some(subjects::Live::Typing) => {
+                self.on_typing(msg);
+                (None, false)
+            }
+            None => (None, false),
         }
     }
 
