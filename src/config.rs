@@ -81,6 +81,19 @@ pub enum RoomSubscriptions {
     Shared,
 }
 
+/// How a gateway receives the presence events of the users its clients
+/// watch (`presence_sub`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PresenceSubscriptions {
+    /// One NATS subscription (and task) per watched user: ~13 KiB per
+    /// watched user on the gateway, and only those users' events.
+    PerUser,
+    /// One NATS subscription for every user's events: a watched user costs
+    /// no subscription, but the gateway receives every user's changes and
+    /// heartbeat refreshes (one per online user every TTL/3).
+    Shared,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct JwtSettings {
     /// JWT algorithm; the only one accepted.
@@ -209,6 +222,13 @@ pub struct GatewaySettings {
     /// every gateway). docs/architecture.md says which to choose.
     #[arg(long, env = "NATTER_ROOM_SUBSCRIPTIONS", value_enum, default_value_t = RoomSubscriptions::PerRoom)]
     pub room_subscriptions: RoomSubscriptions,
+    /// How the gateway receives the presence events of watched users:
+    /// `per-user` (a NATS subscription per watched user) or `shared` (one for
+    /// every user; far less memory per watched user, but every user's
+    /// heartbeat refreshes reach every gateway). docs/architecture.md says
+    /// which to choose.
+    #[arg(long, env = "NATTER_PRESENCE_SUBSCRIPTIONS", value_enum, default_value_t = PresenceSubscriptions::PerUser)]
+    pub presence_subscriptions: PresenceSubscriptions,
     /// Test hook: drop every Nth live delivery before gap detection (0 = off).
     #[arg(long, env = "NATTER_FAULT_DROP_LIVE_EVERY", default_value_t = 0, hide = true)]
     pub fault_drop_live_every: u64,

@@ -14,12 +14,12 @@ use std::{
 };
 
 use clap::Args;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{connect, create_rooms, extend, join, percentiles, procstat::Servers, round, run_id};
+use super::{connect, create_rooms, extend, join, percentiles, presence_sub, procstat::Servers, round, run_id};
 use crate::auth::Signer;
 
 #[derive(Debug, Clone, Args)]
@@ -62,16 +62,7 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Chu
     // The watcher: subscribed to every user, its snapshot (all offline) read.
     let tally = Arc::new(Tally::default());
     let mut watcher = connect(&gateways[0], signer, &format!("c{id}-watcher")).await?;
-    watcher.send(Message::text(json!({"type": "presence_sub", "users": *users}).to_string())).await?;
-    let mut initial = 0;
-    while initial < users.len() {
-        match tokio::time::timeout(Duration::from_secs(10), watcher.next()).await? {
-            Some(Ok(Message::Text(t))) if t.contains(r#""presence""#) => initial += 1,
-            Some(Ok(Message::Text(t))) if t.contains(r#""error""#) => anyhow::bail!("presence_sub refused: {t}"),
-            Some(Ok(_)) => {}
-            _ => anyhow::bail!("watcher closed before its snapshot"),
-        }
-    }
+    presence_sub(&mut watcher, &users).await?;
     let counting = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let watch = {
         let (tally, counting) = (tally.clone(), counting.clone());

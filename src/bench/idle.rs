@@ -7,10 +7,14 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures::StreamExt;
-use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
+use rand::{
+    SeedableRng,
+    rngs::StdRng,
+    seq::{IndexedRandom, SliceRandom},
+};
 use serde_json::{Value, json};
 
-use super::{Ws, connect, create_rooms, extend, join, procstat::Servers, round, run_id};
+use super::{Ws, connect, create_rooms, extend, join, presence_sub, procstat::Servers, round, run_id};
 use crate::auth::Signer;
 
 #[derive(Debug, Clone, Args)]
@@ -26,6 +30,10 @@ pub struct IdleArgs {
     /// as a user's direct chats are (so a room's members are on any gateway).
     #[arg(long, default_value_t = 1)]
     pub rooms_per_connection: usize,
+    /// Users each connection watches with `presence_sub` (drawn at random
+    /// from all the run's users, as a contact list), after joining.
+    #[arg(long, default_value_t = 0)]
+    pub watches: usize,
     /// How long the connections are held idle (measured).
     #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
     pub hold: Duration,
@@ -76,10 +84,15 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Idl
     let t = Instant::now();
     let joined: Vec<anyhow::Result<(usize, Ws)>> = futures::stream::iter(conns.drain(..))
         .map(|(i, mut ws)| {
-            let (rooms, mine) = (&rooms, &rooms_of[i]);
+            let (rooms, mine, users) = (&rooms, &rooms_of[i], &users);
             async move {
                 for &r in mine {
                     join(&mut ws, &rooms[r].0, None).await?;
+                }
+                if a.watches > 0 {
+                    let contacts: Vec<String> =
+                        users.choose_multiple(&mut StdRng::seed_from_u64(i as u64), a.watches).cloned().collect();
+                    presence_sub(&mut ws, &contacts).await?;
                 }
                 anyhow::Ok((i, ws))
             }
@@ -120,6 +133,7 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Idl
         "connections": a.connections,
         "rooms": rooms.len(),
         "rooms_per_connection": a.rooms_per_connection.max(1),
+        "watches_per_connection": a.watches,
         "room_size": size,
         "gateways": gateways.len(),
         "connected": ok,

@@ -152,6 +152,22 @@ pub async fn join(ws: &mut Ws, room: &str, since: Option<u64>) -> anyhow::Result
     }
 }
 
+/// Sends `presence_sub` for `users` and reads the snapshot: one `presence`
+/// frame per user (other frames are skipped).
+pub async fn presence_sub(ws: &mut Ws, users: &[String]) -> anyhow::Result<()> {
+    ws.send(Message::text(serde_json::json!({"type": "presence_sub", "users": users}).to_string())).await?;
+    let mut initial = 0;
+    while initial < users.len() {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await? {
+            Some(Ok(Message::Text(t))) if t.contains(r#""type":"presence""#) => initial += 1,
+            Some(Ok(Message::Text(t))) if t.contains(r#""error""#) => anyhow::bail!("presence_sub refused: {t}"),
+            Some(Ok(_)) => {}
+            _ => anyhow::bail!("closed before the presence snapshot"),
+        }
+    }
+    Ok(())
+}
+
 /// Creates rooms over HTTP, `concurrency` at a time, each by its first member
 /// on gateway `i % G`. `rooms`: (id, members).
 pub async fn create_rooms(

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{connect, percentiles};
+use super::{connect, percentiles, presence_sub};
 use crate::auth::Signer;
 
 #[derive(Debug, Clone, Args)]
@@ -45,15 +45,7 @@ pub async fn run(gateways: &[String], signer: &Signer, a: PresenceArgs) -> anyho
     let mut readers = Vec::new();
     for w in 0..a.watchers {
         let mut ws = connect(watch_gw, signer, &format!("pw{run_id}-{w}")).await?;
-        ws.send(Message::text(json!({"type": "presence_sub", "users": names}).to_string())).await?;
-        let mut initial = 0;
-        while initial < names.len() {
-            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await? {
-                Some(Ok(Message::Text(t))) if t.contains("\"presence\"") => initial += 1,
-                Some(Ok(_)) => {}
-                _ => anyhow::bail!("watcher closed before its snapshot"),
-            }
-        }
+        presence_sub(&mut ws, &names).await?;
         let (sent, samples) = (sent.clone(), samples.clone());
         readers.push(tokio::spawn(async move {
             while let Some(Ok(m)) = ws.next().await {

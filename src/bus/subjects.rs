@@ -111,6 +111,9 @@ pub const PRESENCE_STREAM: &str = "KV_presence";
 /// The bucket republishes every change (including expiry markers) here.
 pub const PRESENCE_REPUBLISH_SRC: &str = "$KV.presence.>";
 pub const PRESENCE_REPUBLISH_DEST: &str = "presence.evt.>";
+/// Every user's presence events: a gateway's one subscription when its
+/// watches share one.
+pub const ALL_PRESENCE_EVENTS: &str = PRESENCE_REPUBLISH_DEST;
 
 /// The KV subject of one user's entry on one node.
 pub fn presence_key(user: &UserId, node: &crate::ids::NodeId) -> String {

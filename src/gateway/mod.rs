@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     auth::Verifier,
     bus,
-    config::{GatewaySettings, RoomSubscriptions},
+    config::{GatewaySettings, PresenceSubscriptions, RoomSubscriptions},
     ids::NodeId,
 };
 
@@ -142,6 +142,9 @@ impl Gateway {
             shutdown.clone(),
             metrics.clone(),
         );
+        if settings.presence_subscriptions == PresenceSubscriptions::Shared {
+            presence.share_subscription().await.context("cannot subscribe to presence events")?;
+        }
         let per_sec = std::num::NonZeroU32::new(settings.typing_per_sec.max(1)).expect("non-zero");
         let typing_limit = Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(per_sec)));
         let limits = limits::Limits::new(&settings.limits);

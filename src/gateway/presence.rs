@@ -2,15 +2,19 @@
 //! (one per locally connected user, refreshed by a heartbeat, written offline
 //! after a grace period), and watches of other users' entries for clients
 //! that subscribed (one core subscription per watched user, shared by every
-//! local subscriber).
+//! local subscriber; or, after [`Presence::share_subscription`], one for
+//! every user's events, routed to the watches).
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
-use async_nats::{Client, jetstream};
+use async_nats::{Client, Subscriber, jetstream};
 use axum::extract::ws::Utf8Bytes;
 use futures::{StreamExt, stream::FuturesUnordered};
 use parking_lot::Mutex;
@@ -77,12 +81,12 @@ impl Watch {
     }
 
     /// Tells every subscriber when the aggregated status changed.
-    fn announce(&mut self, user: &UserId) {
+    fn announce(&mut self, user: &str) {
         let v = self.view();
         if self.initialized && self.sent.is_none_or(|s| s.status != v.status) {
             self.sent = Some(v);
             for c in self.subscribers.values() {
-                c.deliver_ephemeral(frame(user.as_str(), v));
+                c.deliver_ephemeral(frame(user, v));
             }
         }
     }
@@ -144,6 +148,30 @@ pub struct Presence {
     settings: PresenceSettings,
     writes: mpsc::UnboundedSender<Write>,
     state: Mutex<State>,
+    /// One subscription feeds every watch ([`Presence::share_subscription`]).
+    shared: AtomicBool,
+}
+
+/// Most presence events applied under one lock of the state.
+const ROUTE_BATCH: usize = 64;
+
+/// Applies each event of the shared subscription to its user's watch, if
+/// the user is watched here (most are not: the event is dropped).
+async fn route_events(presence: Weak<Presence>, events: Subscriber) {
+    let mut batches = events.ready_chunks(ROUTE_BATCH);
+    while let Some(batch) = batches.next().await {
+        let Some(p) = presence.upgrade() else { return };
+        let mut st = p.state.lock();
+        for msg in batch {
+            let Some(o) = presence::observe(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) else {
+                continue;
+            };
+            if let Some(w) = st.watched.get_mut(o.user.as_str()) {
+                w.apply(&o);
+                w.announce(&o.user);
+            }
+        }
+    }
 }
 
 pub fn frame(user: &str, v: View) -> Utf8Bytes {
@@ -176,6 +204,7 @@ impl Presence {
             settings,
             writes,
             state: Mutex::new(State { local: HashMap::new(), watched: HashMap::new(), next_slice: 0 }),
+            shared: AtomicBool::new(false),
         });
         tokio::spawn(write_loop(js, node, rx, metrics));
         tokio::spawn(heartbeat(Arc::downgrade(&p), stop));
@@ -302,13 +331,16 @@ impl Presence {
         if fresh.is_empty() {
             return Ok(());
         }
+        let shared = self.shared.load(Ordering::Acquire);
         let mut subs = Vec::with_capacity(fresh.len());
-        for u in &fresh {
+        for u in fresh.iter().filter(|_| !shared) {
             subs.push(self.nats.subscribe(subjects::presence_events_of(u)).await.map_err(|e| e.to_string())?);
         }
         let snapshot = presence::snapshot(&self.nats, &fresh).await;
         let mut st = self.state.lock();
-        for (u, sub) in fresh.iter().zip(subs) {
+        let mut subs = subs.into_iter();
+        for u in &fresh {
+            let sub = subs.next(); // none with the shared subscription
             let Some(w) = st.watched.get_mut(u) else { continue }; // unwatched meanwhile
             if let Ok(items) = &snapshot {
                 for o in items.iter().filter(|o| o.user == u.as_str()) {
@@ -324,27 +356,39 @@ impl Presence {
             for c in w.subscribers.values() {
                 c.deliver_counted(frame(u.as_str(), v), "presence");
             }
-            let this = Arc::downgrade(self);
-            let user = u.clone();
-            let task = tokio::spawn(async move {
-                let mut sub = sub;
-                while let Some(msg) = sub.next().await {
-                    let Some(p) = this.upgrade() else { return };
-                    if let Some(o) = presence::observe(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) {
-                        p.on_change(&user, &o);
+            if let Some(mut sub) = sub {
+                let this = Arc::downgrade(self);
+                let task = tokio::spawn(async move {
+                    while let Some(msg) = sub.next().await {
+                        let Some(p) = this.upgrade() else { return };
+                        if let Some(o) = presence::observe(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) {
+                            p.on_change(&o);
+                        }
                     }
-                }
-            });
-            w.task = Some(task.abort_handle());
+                });
+                w.task = Some(task.abort_handle());
+            }
         }
         snapshot.map(|_| ())
     }
 
-    fn on_change(&self, user: &UserId, o: &Observed) {
+    fn on_change(&self, o: &Observed) {
         let mut st = self.state.lock();
-        let Some(w) = st.watched.get_mut(user) else { return };
+        let Some(w) = st.watched.get_mut(o.user.as_str()) else { return };
         w.apply(o);
-        w.announce(user);
+        w.announce(&o.user);
+    }
+
+    /// From now on, one subscription to every user's presence events feeds
+    /// the watches, instead of one per watched user. Called once, before
+    /// any watch. Every gateway then receives every user's changes and
+    /// heartbeat refreshes (one per online user and gateway every TTL/3),
+    /// and a watched user costs no subscription and no task.
+    pub async fn share_subscription(self: &Arc<Self>) -> Result<(), async_nats::SubscribeError> {
+        let events = self.nats.subscribe(subjects::ALL_PRESENCE_EVENTS).await?;
+        self.shared.store(true, Ordering::Release);
+        tokio::spawn(route_events(Arc::downgrade(self), events));
+        Ok(())
     }
 
     /// Re-reads every watched user's entries and announces what changed
@@ -370,7 +414,7 @@ impl Presence {
                 for o in items.iter().filter(|o| o.user == u.as_str()) {
                     w.apply(o);
                 }
-                w.announce(u);
+                w.announce(u.as_str());
             }
         }
     }

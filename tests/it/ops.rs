@@ -410,13 +410,14 @@ async fn gateway_and_notifier_run_under_their_nats_users() {
     );
 }
 
-/// A gateway with one subscription for every room may make it under its NATS
-/// user, and delivers through it.
+/// A gateway with one subscription for every room and one for every user's
+/// presence may make them under its NATS user, and delivers through them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_subscription_gateway_delivers_under_its_nats_user() {
     let nats = ConfiguredNats::start();
     let db = TestDb::new().await;
-    let creds = ["--nats-user", "gateway", "--nats-password", GATEWAY_PASSWORD, "--room-subscriptions", "shared"];
+    let shared = ["--room-subscriptions", "shared", "--presence-subscriptions", "shared"];
+    let creds = [&["--nats-user", "gateway", "--nats-password", GATEWAY_PASSWORD][..], &shared].concat();
     let gw = spawn_gateway_at(&nats.url(), &db, "gw1", &creds).await;
     create_room(&gw.http(), "alice", "general", &["bob"]).await;
     let mut alice = WsClient::connect(gw.addr, "alice").await;
@@ -427,4 +428,8 @@ async fn a_shared_subscription_gateway_delivers_under_its_nats_user() {
     assert_eq!(bob.messages("general", 1).await[0]["seq"], seq);
     alice.send(serde_json::json!({"type": "typing", "room": "general", "active": true})).await;
     assert_eq!(bob.expect("typing").await["user"], "alice");
+    bob.send(serde_json::json!({"type": "presence_sub", "users": ["alice"]})).await;
+    assert_eq!(bob.expect("presence").await["status"], "online");
+    alice.send(serde_json::json!({"type": "presence", "status": "away"})).await;
+    assert_eq!(bob.expect("presence").await["status"], "away");
 }

@@ -25,9 +25,22 @@ async fn watch(c: &mut Client, user: &str) -> Value {
     presence_of(c, user, Duration::from_secs(5)).await
 }
 
+/// Watching gateways with one subscription for every user's events.
+const SHARED: &[&str] = &["--presence-subscriptions", "shared"];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_away_and_offline_after_the_grace_reach_another_gateway() {
-    let s = Stack::with(&["--presence-grace", "1s"], &[]).await;
+    online_away_offline(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_away_and_offline_reach_a_gateway_with_a_shared_subscription() {
+    online_away_offline(SHARED).await;
+}
+
+/// bob, on gw2 (started with `watcher`), watches alice on gw1.
+async fn online_away_offline(watcher: &[&str]) {
+    let s = Stack::with(&["--presence-grace", "1s"], watcher).await;
     let mut bob = Client::connect(s.gw2.addr, "bob").await;
     let first = watch(&mut bob, "alice").await;
     assert_eq!(first["status"], "offline");
@@ -95,9 +108,19 @@ async fn reconnect_within_the_grace_sends_no_offline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_gateways_users_go_offline_by_ttl_alone() {
+    killed_gateways_users_go_offline(&[]).await;
+}
+
+/// The expiry markers reach a shared subscription too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateways_users_go_offline_with_a_shared_subscription() {
+    killed_gateways_users_go_offline(SHARED).await;
+}
+
+async fn killed_gateways_users_go_offline(watcher: &[&str]) {
     let nats = NatsServer::start();
     let db = TestDb::new().await;
-    let gw = spawn_gateway(&nats, &db, "gw-watch", &[]).await;
+    let gw = spawn_gateway(&nats, &db, "gw-watch", watcher).await;
     let mut doomed = GatewayProcess::start(&nats.url(), &db, "gw-doomed", &["--presence-ttl", "2s"]);
     let mut bob = Client::connect(gw.addr, "bob").await;
     // More users than the heartbeat has slices, so every slice is refreshed.
