@@ -94,3 +94,32 @@ fn token_mints_a_verifiable_jwt() {
     let o = run(&["token", "--user", "a.b"], &[("NATTER_JWT_SECRET", SECRET)]);
     assert!(!o.status.success());
 }
+
+/// The Kubernetes ConfigMap sets only settings the binary knows: a
+/// misspelt name would be ignored in silence and leave the default.
+#[test]
+fn every_setting_in_the_config_map_is_one_the_binary_reads() {
+    let map = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/k8s/base/natter-config.yaml")).unwrap();
+    let names: Vec<&str> = map
+        .lines()
+        .filter_map(|l| l.trim_start().split_once(':').map(|(k, _)| k))
+        .filter(|k| k.starts_with("NATTER_"))
+        .collect();
+    assert!(names.len() > 20, "the ConfigMap's settings were not found: {names:?}");
+    // `--help` shows each setting's variable as `[env: NAME=…]` or `[env: NAME]`.
+    let mut known = std::collections::HashSet::new();
+    for cmd in ["gateway", "notifier"] {
+        let help = String::from_utf8_lossy(&run(&[cmd, "--help"], &[]).stdout).into_owned();
+        for at in help.split("[env: ").skip(1) {
+            known.insert(
+                at.split(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+    }
+    for name in names {
+        assert!(known.contains(name), "{name} is not a setting of `natter gateway` or `natter notifier`");
+    }
+}
