@@ -60,6 +60,11 @@ pub struct Metrics {
     pub presence_updates: Counter,
     /// PostgreSQL pool connections by state (`idle`, `used`), read at scrape.
     pub db_pool: Family<StateLabel, Gauge>,
+    /// Rooms with a member on this gateway (each a room task, and with
+    /// per-room subscriptions a NATS subscription), read at scrape.
+    pub rooms: Gauge,
+    /// Users whose presence clients of this gateway watch, read at scrape.
+    pub presence_watches: Gauge,
 }
 
 impl Default for Metrics {
@@ -77,6 +82,8 @@ impl Default for Metrics {
             live_unrouted: Counter::default(),
             presence_updates: Counter::default(),
             db_pool: Family::default(),
+            rooms: Gauge::default(),
+            presence_watches: Gauge::default(),
         }
     }
 }
@@ -100,6 +107,12 @@ impl Metrics {
         );
         r.register("presence_updates", "Presence changes written", self.presence_updates.clone());
         r.register("db_pool_connections", "PostgreSQL pool connections by state", self.db_pool.clone());
+        r.register("rooms", "Rooms with a member on this gateway", self.rooms.clone());
+        r.register(
+            "presence_watches",
+            "Users whose presence this gateway's clients watch",
+            self.presence_watches.clone(),
+        );
         r
     }
 

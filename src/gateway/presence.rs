@@ -372,6 +372,11 @@ impl Presence {
         snapshot.map(|_| ())
     }
 
+    /// Users watched from this gateway.
+    pub fn watch_count(&self) -> usize {
+        self.state.lock().watched.len()
+    }
+
     fn on_change(&self, o: &Observed) {
         let mut st = self.state.lock();
         let Some(w) = st.watched.get_mut(o.user.as_str()) else { return };

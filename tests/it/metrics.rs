@@ -51,6 +51,12 @@ async fn gateway_metrics_count_connections_frames_latencies_and_presence() {
     assert_eq!(sample(&page, "natter_publish_latency_seconds_count"), 3.0);
     assert!(sample(&page, "natter_delivery_latency_seconds_count") >= 3.0);
     assert!(sample(&page, "natter_presence_updates_total") >= 2.0, "alice and bob went online");
+    assert_eq!(sample(&page, "natter_rooms"), 1.0, "{page}");
+    assert_eq!(sample(&page, "natter_presence_watches"), 0.0);
+    bob.send(json!({"type": "presence_sub", "users": ["carol", "dave"]})).await;
+    bob.expect("presence").await;
+    bob.expect("presence").await;
+    assert_eq!(sample(&scrape(&base).await, "natter_presence_watches"), 2.0);
     assert!(
         sample(&page, r#"natter_db_pool_connections{state="idle"}"#)
             + sample(&page, r#"natter_db_pool_connections{state="used"}"#)
