@@ -14,7 +14,27 @@ async fn ready(base: &str) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_keeps_connections_refuses_sends_meanwhile_and_recovers() {
-    let mut s = Stack::start().await;
+    nats_restart(Stack::start().await).await;
+}
+
+/// The gateways' shared subscriptions come back with the connection too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_recovers_with_shared_subscriptions() {
+    let shared = ["--room-subscriptions", "shared", "--presence-subscriptions", "shared"];
+    let mut s = Stack::with(&shared, &shared).await;
+    let mut carol = Client::connect(s.gw2.addr, "carol").await;
+    carol.send(json!({"type": "presence_sub", "users": ["dave"]})).await;
+    assert_eq!(carol.expect("presence").await["status"], "offline");
+    s = nats_restart(s).await;
+    // Presence events flow again through the shared subscription.
+    let _dave = Client::connect(s.gw1.addr, "dave").await;
+    let p = carol.expect("presence").await;
+    assert_eq!((p["user"].as_str(), p["status"].as_str()), (Some("dave"), Some("online")), "{p}");
+}
+
+/// Kills and restarts nats-server under two clients in a room; answers the
+/// stack, running again.
+async fn nats_restart(mut s: Stack) -> Stack {
     create_room(&s.gw1.http(), "alice", "general", &["bob"]).await;
     let mut alice = Client::connect(s.gw1.addr, "alice").await;
     let mut bob = Client::connect(s.gw2.addr, "bob").await;
@@ -46,4 +66,5 @@ async fn nats_restart_keeps_connections_refuses_sends_meanwhile_and_recovers() {
     let got = bob.messages("general", 2).await;
     assert_eq!(seqs_in_order(&got), vec![first, second], "bob got both, in order, once");
     bob.expect_silence(Duration::from_millis(500)).await;
+    s
 }
