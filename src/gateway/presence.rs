@@ -331,10 +331,12 @@ impl Presence {
         if fresh.is_empty() {
             return Ok(());
         }
-        let shared = self.shared.load(Ordering::Acquire);
-        let mut subs = Vec::with_capacity(fresh.len());
-        for u in fresh.iter().filter(|_| !shared) {
-            subs.push(self.nats.subscribe(subjects::presence_events_of(u)).await.map_err(|e| e.to_string())?);
+        // One subscription per new user, unless the shared one brings them all.
+        let mut subs = Vec::new();
+        if !self.shared.load(Ordering::Acquire) {
+            for u in &fresh {
+                subs.push(self.nats.subscribe(subjects::presence_events_of(u)).await.map_err(|e| e.to_string())?);
+            }
         }
         let snapshot = presence::snapshot(&self.nats, &fresh).await;
         let mut st = self.state.lock();
