@@ -1,8 +1,24 @@
-//! Driving a future while a set of others keeps going.
+//! Driving a future while a set of others keeps going; handing a
+//! subscription's messages to their owner in batches.
 
-use std::future::Future;
+use std::{future::Future, sync::Weak};
 
+use async_nats::{Message, Subscriber};
 use futures::{StreamExt, stream::FuturesUnordered};
+
+/// Most messages handed over at once by [`in_batches`].
+const BATCH: usize = 64;
+
+/// Hands the messages of `sub` to `each`, every batch that is ready at once
+/// (up to 64) in one call, so the owner takes its lock once per batch. Ends
+/// when the subscription does or the owner is dropped.
+pub async fn in_batches<T>(owner: Weak<T>, sub: Subscriber, mut each: impl FnMut(&T, Vec<Message>)) {
+    let mut batches = sub.ready_chunks(BATCH);
+    while let Some(batch) = batches.next().await {
+        let Some(owner) = owner.upgrade() else { return };
+        each(&owner, batch);
+    }
+}
 
 /// Runs `fut` to completion while polling `others`, handing each of their
 /// outputs to `done` as it comes. A task that keeps futures in a

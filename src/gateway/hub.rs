@@ -4,13 +4,10 @@
 //! every room's live traffic and hands each message to its room's task, or
 //! drops it when the room has no local member.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Weak},
-};
+use std::{collections::HashMap, sync::Arc};
 
-use async_nats::Subscriber;
-use futures::{StreamExt, channel::mpsc};
+use async_nats::Message;
+use futures::channel::mpsc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -21,10 +18,8 @@ use super::{
 use crate::{
     bus::{directget::ReadError, subjects},
     ids::RoomId,
+    tasks,
 };
-
-/// Most live messages routed under one lock of the room map.
-const ROUTE_BATCH: usize = 64;
 
 struct Slot {
     /// futures' channel, not tokio's: commands are rare (joins, leaves) and
@@ -50,7 +45,7 @@ impl Hub {
         let hub = Arc::new(Self { deps: Arc::new(deps), rooms: Mutex::new(HashMap::new()) });
         if let Some(nats) = shared {
             let live = nats.subscribe(subjects::ALL_LIVE_ROOMS).await?;
-            tokio::spawn(route(Arc::downgrade(&hub), live));
+            tokio::spawn(tasks::in_batches(Arc::downgrade(&hub), live, Hub::route));
         }
         Ok(hub)
     }
@@ -107,22 +102,13 @@ impl Hub {
         }
     }
 
-    /// Rooms with a room task on this gateway.
-    pub fn room_count(&self) -> usize {
-        self.rooms.lock().len()
-    }
-}
-
-/// Hands each message of the shared subscription to its room's task, a batch
-/// of ready messages per lock of the room map. Messages of rooms without a
-/// local member are dropped (counted in `natter_live_unrouted_total`).
-async fn route(hub: Weak<Hub>, live: Subscriber) {
-    let mut batches = live.ready_chunks(ROUTE_BATCH);
-    while let Some(batch) = batches.next().await {
-        let Some(hub) = hub.upgrade() else { return };
+    /// Hands each message of the shared subscription to its room's task.
+    /// Messages of rooms without a local member are dropped (counted in
+    /// `natter_live_unrouted_total`).
+    fn route(&self, batch: Vec<Message>) {
         let mut unrouted = 0;
         {
-            let rooms = hub.rooms.lock();
+            let rooms = self.rooms.lock();
             for msg in batch {
                 match subjects::room_of_live(msg.subject.as_str()).and_then(|r| rooms.get(r)) {
                     Some(slot) => {
@@ -132,6 +118,11 @@ async fn route(hub: Weak<Hub>, live: Subscriber) {
                 }
             }
         }
-        hub.deps.metrics.live_unrouted.inc_by(unrouted);
+        self.deps.metrics.live_unrouted.inc_by(unrouted);
+    }
+
+    /// Rooms with a room task on this gateway.
+    pub fn room_count(&self) -> usize {
+        self.rooms.lock().len()
     }
 }

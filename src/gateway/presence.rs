@@ -8,13 +8,13 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        Arc, Weak,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
-use async_nats::{Client, Subscriber, jetstream};
+use async_nats::{Client, Message, jetstream};
 use axum::extract::ws::Utf8Bytes;
 use futures::{StreamExt, stream::FuturesUnordered};
 use parking_lot::Mutex;
@@ -30,7 +30,7 @@ use crate::{
         subjects,
     },
     ids::{NodeId, UserId},
-    tasks::alongside,
+    tasks::{self, alongside},
 };
 
 /// How long an offline entry (which carries `last_seen`) is kept.
@@ -118,6 +118,14 @@ struct Write {
     done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+impl Write {
+    /// A change of this node's entry for `user`, acknowledged, with no one
+    /// waiting for it.
+    fn change(user: UserId, entry: Entry, ttl: Duration) -> Self {
+        Self { user, entry, ttl, refresh: false, done: None }
+    }
+}
+
 struct State {
     local: HashMap<UserId, Local>,
     watched: HashMap<UserId, Watch>,
@@ -150,28 +158,6 @@ pub struct Presence {
     state: Mutex<State>,
     /// One subscription feeds every watch ([`Presence::share_subscription`]).
     shared: AtomicBool,
-}
-
-/// Most presence events applied under one lock of the state.
-const ROUTE_BATCH: usize = 64;
-
-/// Applies each event of the shared subscription to its user's watch, if
-/// the user is watched here (most are not: the event is dropped).
-async fn route_events(presence: Weak<Presence>, events: Subscriber) {
-    let mut batches = events.ready_chunks(ROUTE_BATCH);
-    while let Some(batch) = batches.next().await {
-        let Some(p) = presence.upgrade() else { return };
-        let mut st = p.state.lock();
-        for msg in batch {
-            let Some(o) = presence::observe(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) else {
-                continue;
-            };
-            if let Some(w) = st.watched.get_mut(o.user.as_str()) {
-                w.apply(&o);
-                w.announce(&o.user);
-            }
-        }
-    }
 }
 
 pub fn frame(user: &str, v: View) -> Utf8Bytes {
@@ -221,13 +207,7 @@ impl Presence {
         let e = Self::local_entry(l);
         if l.published != Some((e.status, e.sessions)) {
             l.published = Some((e.status, e.sessions));
-            let _ = self.writes.send(Write {
-                user: user.clone(),
-                entry: e,
-                ttl: self.settings.ttl,
-                refresh: false,
-                done: None,
-            });
+            let _ = self.writes.send(Write::change(user.clone(), e, self.settings.ttl));
         }
     }
 
@@ -273,7 +253,7 @@ impl Presence {
             if still_gone {
                 st.local.remove(&user);
                 let entry = Entry { status: Status::Offline, sessions: 0, last_seen: now_ms() };
-                let _ = p.writes.send(Write { user, entry, ttl: OFFLINE_RECORD_TTL, refresh: false, done: None });
+                let _ = p.writes.send(Write::change(user, entry, OFFLINE_RECORD_TTL));
             }
         });
     }
@@ -294,7 +274,7 @@ impl Presence {
                 entry.status = Status::Offline; // already in its grace period
             }
             let done = if i + 1 == n { done.take() } else { None };
-            let _ = self.writes.send(Write { user, entry, ttl, refresh: false, done });
+            let _ = self.writes.send(Write { done, ..Write::change(user, entry, ttl) });
         }
         if n > 0 {
             let _ = tokio::time::timeout(within, stored).await;
@@ -358,16 +338,8 @@ impl Presence {
             for c in w.subscribers.values() {
                 c.deliver_counted(frame(u.as_str(), v), "presence");
             }
-            if let Some(mut sub) = sub {
-                let this = Arc::downgrade(self);
-                let task = tokio::spawn(async move {
-                    while let Some(msg) = sub.next().await {
-                        let Some(p) = this.upgrade() else { return };
-                        if let Some(o) = presence::observe(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) {
-                            p.on_change(&o);
-                        }
-                    }
-                });
+            if let Some(sub) = sub {
+                let task = tokio::spawn(tasks::in_batches(Arc::downgrade(self), sub, Presence::apply_events));
                 w.task = Some(task.abort_handle());
             }
         }
@@ -379,11 +351,20 @@ impl Presence {
         self.state.lock().watched.len()
     }
 
-    fn on_change(&self, o: &Observed) {
+    /// Applies presence events (of one watched user's subscription, or of
+    /// the shared one) to their users' watches; events of users not watched
+    /// here are dropped.
+    fn apply_events(&self, events: Vec<Message>) {
         let mut st = self.state.lock();
-        let Some(w) = st.watched.get_mut(o.user.as_str()) else { return };
-        w.apply(o);
-        w.announce(&o.user);
+        for msg in events {
+            let Some(o) = presence::observe(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) else {
+                continue;
+            };
+            if let Some(w) = st.watched.get_mut(o.user.as_str()) {
+                w.apply(&o);
+                w.announce(&o.user);
+            }
+        }
     }
 
     /// From now on, one subscription to every user's presence events feeds
@@ -394,7 +375,7 @@ impl Presence {
     pub async fn share_subscription(self: &Arc<Self>) -> Result<(), async_nats::SubscribeError> {
         let events = self.nats.subscribe(subjects::ALL_PRESENCE_EVENTS).await?;
         self.shared.store(true, Ordering::Release);
-        tokio::spawn(route_events(Arc::downgrade(self), events));
+        tokio::spawn(tasks::in_batches(Arc::downgrade(self), events, Presence::apply_events));
         Ok(())
     }
 
@@ -528,13 +509,8 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
         let Some(p) = p.upgrade() else { return };
         let st = p.state.lock();
         for (user, l) in st.due(n) {
-            let _ = p.writes.send(Write {
-                user: user.clone(),
-                entry: Presence::local_entry(l),
-                ttl: p.settings.ttl,
-                refresh: true,
-                done: None,
-            });
+            let refresh = Write::change(user.clone(), Presence::local_entry(l), p.settings.ttl);
+            let _ = p.writes.send(Write { refresh: true, ..refresh });
         }
     }
 }
