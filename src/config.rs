@@ -180,8 +180,8 @@ pub struct GatewaySettings {
     /// Typing and presence frames are dropped first, once the queue is half full.
     #[arg(long, env = "NATTER_OUTBOUND_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub outbound_bytes: usize,
-    /// Lifetime of a gateway's presence entries unless its heartbeat refreshes
-    /// them (a crashed gateway's users go offline after this).
+    /// Lifetime of a gateway's presence lease unless its heartbeat refreshes
+    /// it (a crashed gateway's users go offline after this).
     #[arg(long, env = "NATTER_PRESENCE_TTL", default_value = "30s", value_parser = parse_duration)]
     pub presence_ttl: Duration,
     /// How long after a user's last session closes before they show offline.

@@ -104,7 +104,8 @@ pub const ORIGIN_USER_HEADER: &str = "Natter-User";
 /// object name = attachment id.
 pub const ATTACHMENTS_BUCKET: &str = "attachments";
 
-/// The presence KV bucket: key `<user>.<node>`.
+/// The presence KV bucket: key `<user>.<node>`, and `=.<node>` for a node's
+/// lease.
 pub const PRESENCE_BUCKET: &str = "presence";
 /// The stream behind the presence bucket.
 pub const PRESENCE_STREAM: &str = "KV_presence";
@@ -114,6 +115,19 @@ pub const PRESENCE_REPUBLISH_DEST: &str = "presence.evt.>";
 /// Every user's presence events: a gateway's one subscription when its
 /// watches share one.
 pub const ALL_PRESENCE_EVENTS: &str = PRESENCE_REPUBLISH_DEST;
+
+/// The first token of a lease's key: no user id, so a user's keys and
+/// events never include a lease's.
+pub const LEASE_TOKEN: &str = "=";
+/// Every node's lease, in the bucket (for multi-last reads).
+pub const PRESENCE_LEASES: &str = "$KV.presence.=.*";
+/// Republished changes of every node's lease.
+pub const LEASE_EVENTS: &str = "presence.evt.=.*";
+
+/// The KV subject of one node's lease.
+pub fn presence_lease_key(node: &crate::ids::NodeId) -> String {
+    format!("$KV.presence.{LEASE_TOKEN}.{node}")
+}
 
 /// The KV subject of one user's entry on one node.
 pub fn presence_key(user: &UserId, node: &crate::ids::NodeId) -> String {

@@ -142,9 +142,8 @@ impl Gateway {
             shutdown.clone(),
             metrics.clone(),
         );
-        if settings.presence_subscriptions == PresenceSubscriptions::Shared {
-            presence.share_subscription().await.context("cannot subscribe to presence events")?;
-        }
+        let shared = settings.presence_subscriptions == PresenceSubscriptions::Shared;
+        presence.subscribe_events(shared).await.context("cannot subscribe to presence events")?;
         let per_sec = std::num::NonZeroU32::new(settings.typing_per_sec.max(1)).expect("non-zero");
         let typing_limit = Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(per_sec)));
         let limits = limits::Limits::new(&settings.limits);
@@ -217,7 +216,7 @@ impl Gateway {
         }
         let rest = window.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
         let n = state.presence.hand_over(rest.min(Duration::from_secs(3))).await;
-        tracing::info!(users = n, "presence entries set to expire after the grace");
+        tracing::info!(users = n, "presence lease set to expire after the grace");
         let rest = window.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
         if tokio::time::timeout(rest.min(Duration::from_secs(5)), state.nats.drain()).await.is_err() {
             tracing::warn!("NATS drain did not finish in time");

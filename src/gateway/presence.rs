@@ -1,9 +1,10 @@
-//! Presence on this gateway: the node's own entries in the `presence` bucket
-//! (one per locally connected user, refreshed by a heartbeat, written offline
-//! after a grace period), and watches of other users' entries for clients
-//! that subscribed (one core subscription per watched user, shared by every
-//! local subscriber; or, after [`Presence::share_subscription`], one for
-//! every user's events, routed to the watches).
+//! Presence on this gateway: the node's lease and its entries in the
+//! `presence` bucket (one per locally connected user, written when it
+//! changes, offline after a grace period; the heartbeat refreshes the lease
+//! alone), and watches of other users' entries for clients that subscribed
+//! (one core subscription per watched user, shared by every local
+//! subscriber; or, after [`Presence::subscribe_events`] with `shared`, one
+//! for every user's events, routed to the watches).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -11,7 +12,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_nats::{Client, Message, jetstream};
@@ -26,22 +27,27 @@ use super::outbound::ConnHandle;
 use crate::{
     bus::{
         envelope::now_ms,
-        presence::{self, Entry, Observed, Status},
+        presence::{self, Entry, Lease, Leases, Observation, Observed, Put, Status},
         subjects,
     },
     ids::{NodeId, UserId},
     tasks::{self, alongside},
 };
 
-/// How long an offline entry (which carries `last_seen`) is kept.
-const OFFLINE_RECORD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long an entry lives unless rewritten. It outlives its user's
+/// session by far: an offline entry carries `last_seen`, and an online one
+/// counts only while its node's lease lives, so its own TTL only bounds
+/// what a crashed node leaves behind.
+const ENTRY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// The heartbeat refreshes a tenth of the local entries at a time, so a
-/// gateway's thousands of users are not all rewritten in one burst.
-const HEARTBEAT_SLICES: u32 = 10;
+/// An unchanged entry of a user still connected here is rewritten this long
+/// after its last write, well within [`ENTRY_TTL`].
+const ENTRY_REFRESH: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, Copy)]
 pub struct PresenceSettings {
+    /// The lease's lifetime unless refreshed: how long a crashed node's
+    /// users still show online.
     pub ttl: Duration,
     pub grace: Duration,
 }
@@ -53,16 +59,21 @@ pub struct View {
     pub last_seen: i64,
 }
 
-#[derive(Default)]
 struct Local {
     /// (connection id, status) of each session here: one or a few, so a
     /// `Vec` (a map's first insert allocates four buckets).
     sessions: Vec<(u64, Status)>,
     /// Bumped by every change, so a stale grace timer does nothing.
     generation: u32,
-    /// Which of the heartbeat's slices refreshes this entry.
-    slice: u32,
     published: Option<(Status, u32)>,
+    /// When this node's entry for the user was last written.
+    written: Instant,
+}
+
+impl Local {
+    fn new() -> Self {
+        Self { sessions: Vec::new(), generation: 0, published: None, written: Instant::now() }
+    }
 }
 
 struct Watch {
@@ -81,8 +92,8 @@ impl Watch {
     }
 
     /// Tells every subscriber when the aggregated status changed.
-    fn announce(&mut self, user: &str) {
-        let v = self.view();
+    fn announce(&mut self, user: &str, leases: &Leases) {
+        let v = self.view(leases);
         if self.initialized && self.sent.is_none_or(|s| s.status != v.status) {
             self.sent = Some(v);
             for c in self.subscribers.values() {
@@ -91,8 +102,9 @@ impl Watch {
         }
     }
 
-    fn view(&self) -> View {
-        let (status, seen) = presence::aggregate(self.nodes.values().filter_map(|(_, e)| e.as_ref()));
+    fn view(&self, leases: &Leases) -> View {
+        let entries = self.nodes.iter().filter_map(|(node, (_, e))| e.map(|e| leases.effective(node, &e)));
+        let (status, seen) = presence::aggregate(entries);
         View { status, last_seen: seen.max(self.last_seen_floor) }
     }
 
@@ -108,9 +120,7 @@ impl Watch {
 }
 
 struct Write {
-    user: UserId,
-    entry: Entry,
-    ttl: Duration,
+    put: Put,
     /// A heartbeat's refresh of an unchanged entry: published without an
     /// ack (a lost one is followed by the next well within the TTL).
     refresh: bool,
@@ -119,44 +129,51 @@ struct Write {
 }
 
 impl Write {
-    /// A change of this node's entry for `user`, acknowledged, with no one
-    /// waiting for it.
-    fn change(user: UserId, entry: Entry, ttl: Duration) -> Self {
-        Self { user, entry, ttl, refresh: false, done: None }
+    /// An acknowledged write, with no one waiting for it.
+    fn change(put: Put) -> Self {
+        Self { put, refresh: false, done: None }
     }
 }
 
 struct State {
     local: HashMap<UserId, Local>,
     watched: HashMap<UserId, Watch>,
-    /// Slices are dealt round-robin, so each holds a tenth of the entries.
-    next_slice: u32,
+    /// Every node's lease, as last heard of.
+    leases: Leases,
 }
 
 impl State {
-    fn local_mut(&mut self, user: &UserId) -> &mut Local {
-        let slice = &mut self.next_slice;
-        self.local.entry(user.clone()).or_insert_with(|| {
-            *slice = (*slice + 1) % HEARTBEAT_SLICES;
-            Local { slice: *slice, ..Local::default() }
-        })
+    fn new() -> Self {
+        Self { local: HashMap::new(), watched: HashMap::new(), leases: Leases::default() }
     }
 
-    /// The entries the heartbeat's `tick` refreshes: those of its slice
-    /// that still have a session here.
-    fn due(&self, tick: u64) -> impl Iterator<Item = (&UserId, &Local)> {
-        let slice = (tick % u64::from(HEARTBEAT_SLICES)) as u32;
-        self.local.iter().filter(move |(_, l)| l.slice == slice && !l.sessions.is_empty())
+    /// The entries the heartbeat rewrites at `now`: those of users still
+    /// connected here, unwritten for [`ENTRY_REFRESH`].
+    fn due(&mut self, now: Instant) -> impl Iterator<Item = (&UserId, &mut Local)> {
+        self.local.iter_mut().filter(move |(_, l)| !l.sessions.is_empty() && now >= l.written + ENTRY_REFRESH)
+    }
+
+    /// Tells the subscribers of every watch that has an entry of `node`
+    /// what changed, after its lease did.
+    fn announce_node(&mut self, node: &str) {
+        for (user, w) in self.watched.iter_mut() {
+            if w.nodes.contains_key(node) {
+                w.announce(user.as_str(), &self.leases);
+            }
+        }
     }
 }
 
 pub struct Presence {
     nats: Client,
     node: NodeId,
+    /// This process's lease epoch: random, so that a node restarted under
+    /// the same id does not revive the entries of its previous life.
+    epoch: u64,
     settings: PresenceSettings,
     writes: mpsc::UnboundedSender<Write>,
     state: Mutex<State>,
-    /// One subscription feeds every watch ([`Presence::share_subscription`]).
+    /// One subscription feeds every watch ([`Presence::subscribe_events`]).
     shared: AtomicBool,
 }
 
@@ -174,7 +191,9 @@ pub fn frame(user: &str, v: View) -> Utf8Bytes {
 }
 
 impl Presence {
-    /// Starts the writer and heartbeat tasks (they end with `stop`).
+    /// Takes this node's lease and starts the writer and heartbeat tasks
+    /// (they end with `stop`). The lease is the first write, so it is
+    /// stored before any entry that lives by it.
     pub fn start(
         js: jetstream::Context,
         nats: Client,
@@ -187,33 +206,46 @@ impl Presence {
         let p = Arc::new(Self {
             nats,
             node: node.clone(),
+            epoch: rand::random(),
             settings,
             writes,
-            state: Mutex::new(State { local: HashMap::new(), watched: HashMap::new(), next_slice: 0 }),
+            state: Mutex::new(State::new()),
             shared: AtomicBool::new(false),
         });
-        tokio::spawn(write_loop(js, node, rx, metrics));
+        let _ = p.writes.send(Write::change(p.lease(settings.ttl)));
+        tokio::spawn(write_loop(js, rx, metrics));
         tokio::spawn(heartbeat(Arc::downgrade(&p), stop));
         p
     }
 
-    fn local_entry(l: &Local) -> Entry {
-        let status = l.sessions.iter().map(|&(_, s)| s).max().unwrap_or(Status::Offline);
-        Entry { status, sessions: l.sessions.len() as u32, last_seen: now_ms() }
+    /// This node's lease, written now, living `ttl` unless refreshed.
+    fn lease(&self, ttl: Duration) -> Put {
+        Put::lease(&self.node, &Lease { epoch: self.epoch, last_seen: now_ms() }, ttl)
     }
 
-    /// Publishes this node's entry for `user` if status or session count changed.
+    /// This node's entry for `user` now, with `status`.
+    fn entry(&self, user: &UserId, status: Status, sessions: usize) -> Put {
+        let entry = Entry { status, sessions: sessions as u32, last_seen: now_ms(), lease: Some(self.epoch) };
+        Put::entry(user, &self.node, &entry, ENTRY_TTL)
+    }
+
+    fn status_of(l: &Local) -> Status {
+        l.sessions.iter().map(|&(_, s)| s).max().unwrap_or(Status::Offline)
+    }
+
+    /// Writes this node's entry for `user` if status or session count changed.
     fn publish_if_changed(&self, user: &UserId, l: &mut Local) {
-        let e = Self::local_entry(l);
-        if l.published != Some((e.status, e.sessions)) {
-            l.published = Some((e.status, e.sessions));
-            let _ = self.writes.send(Write::change(user.clone(), e, self.settings.ttl));
+        let now = (Self::status_of(l), l.sessions.len() as u32);
+        if l.published != Some(now) {
+            l.published = Some(now);
+            l.written = Instant::now();
+            let _ = self.writes.send(Write::change(self.entry(user, now.0, l.sessions.len())));
         }
     }
 
     pub fn session_started(&self, user: &UserId, conn_id: u64) {
         let mut st = self.state.lock();
-        let l = st.local_mut(user);
+        let l = st.local.entry(user.clone()).or_insert_with(Local::new);
         l.sessions.push((conn_id, Status::Online));
         l.generation = l.generation.wrapping_add(1);
         self.publish_if_changed(user, l);
@@ -252,33 +284,27 @@ impl Presence {
             let still_gone = st.local.get(&user).is_some_and(|l| l.generation == generation && l.sessions.is_empty());
             if still_gone {
                 st.local.remove(&user);
-                let entry = Entry { status: Status::Offline, sessions: 0, last_seen: now_ms() };
-                let _ = p.writes.send(Write::change(user, entry, OFFLINE_RECORD_TTL));
+                let _ = p.writes.send(Write::change(p.entry(&user, Status::Offline, 0)));
             }
         });
     }
 
-    /// Graceful shutdown: rewrites every local entry to expire after the
-    /// grace period, then waits (bounded) for the writes to be stored. Users
-    /// who reconnect elsewhere within the grace never show offline; the
-    /// others go offline when their entry expires, with no process left.
+    /// Graceful shutdown: rewrites every local entry (last seen now), then
+    /// the lease to expire after the grace period, and waits (bounded) for
+    /// the writes to be stored. Users who reconnect elsewhere within the
+    /// grace never show offline; the others go offline when the lease
+    /// expires, with no process left.
     pub async fn hand_over(&self, within: Duration) -> usize {
-        let (done, stored) = tokio::sync::oneshot::channel();
         let local: Vec<(UserId, Local)> = self.state.lock().local.drain().collect();
         let n = local.len();
-        let mut done = Some(done);
-        let ttl = self.settings.grace.max(Duration::from_secs(1));
-        for (i, (user, l)) in local.into_iter().enumerate() {
-            let mut entry = Self::local_entry(&l);
-            if l.sessions.is_empty() {
-                entry.status = Status::Offline; // already in its grace period
-            }
-            let done = if i + 1 == n { done.take() } else { None };
-            let _ = self.writes.send(Write { done, ..Write::change(user, entry, ttl) });
+        for (user, l) in local {
+            // Those already in their grace period are offline.
+            let _ = self.writes.send(Write::change(self.entry(&user, Self::status_of(&l), l.sessions.len())));
         }
-        if n > 0 {
-            let _ = tokio::time::timeout(within, stored).await;
-        }
+        let (done, stored) = tokio::sync::oneshot::channel();
+        let lease = self.lease(self.settings.grace.max(Duration::from_secs(1)));
+        let _ = self.writes.send(Write { done: Some(done), ..Write::change(lease) });
+        let _ = tokio::time::timeout(within, stored).await;
         n
     }
 
@@ -290,16 +316,17 @@ impl Presence {
         let mut ready = Vec::new();
         {
             let mut st = self.state.lock();
+            let State { watched, leases, .. } = &mut *st;
             for u in users {
-                match st.watched.get_mut(u) {
+                match watched.get_mut(u) {
                     Some(w) => {
                         w.subscribers.insert(conn.id, conn.clone());
                         if w.initialized {
-                            ready.push((u.clone(), w.view()));
+                            ready.push((u.clone(), w.view(leases)));
                         }
                     }
                     None => {
-                        st.watched.insert(u.clone(), Watch::new(HashMap::from([(conn.id, conn.clone())])));
+                        watched.insert(u.clone(), Watch::new(HashMap::from([(conn.id, conn.clone())])));
                         fresh.push(u.clone());
                     }
                 }
@@ -320,17 +347,21 @@ impl Presence {
         }
         let snapshot = presence::snapshot(&self.nats, &fresh).await;
         let mut st = self.state.lock();
+        let State { watched, leases, .. } = &mut *st;
+        if let Ok(s) = &snapshot {
+            leases.merge(s);
+        }
         let mut subs = subs.into_iter();
         for u in &fresh {
             let sub = subs.next(); // none with the shared subscription
-            let Some(w) = st.watched.get_mut(u) else { continue }; // unwatched meanwhile
-            if let Ok(items) = &snapshot {
-                for o in items.iter().filter(|o| o.user == u.as_str()) {
+            let Some(w) = watched.get_mut(u) else { continue }; // unwatched meanwhile
+            if let Ok(s) = &snapshot {
+                for o in s.of(u.as_str()) {
                     w.apply(o);
                 }
             }
             w.initialized = true;
-            let v = w.view();
+            let v = w.view(leases);
             w.sent = Some(v);
             // The first frame answers a `presence_sub`: never dropped for
             // backpressure (a snapshot of hundreds of users fills half a
@@ -351,58 +382,71 @@ impl Presence {
         self.state.lock().watched.len()
     }
 
-    /// Applies presence events (of one watched user's subscription, or of
-    /// the shared one) to their users' watches; events of users not watched
-    /// here are dropped.
+    /// Applies presence events (of one watched user's subscription, of the
+    /// lease subscription, or of the shared one) to the leases and to their
+    /// users' watches; entries of users not watched here are dropped.
     fn apply_events(&self, events: Vec<Message>) {
         let mut st = self.state.lock();
         for msg in events {
-            let Some(o) = presence::observe(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) else {
-                continue;
-            };
-            if let Some(w) = st.watched.get_mut(o.user.as_str()) {
-                w.apply(&o);
-                w.announce(&o.user);
+            match presence::observe(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) {
+                Some(Observation::Lease(l)) if st.leases.apply(&l) => st.announce_node(&l.node),
+                Some(Observation::Entry(o)) => {
+                    let lease_changed = st.leases.written_under(&o);
+                    let State { watched, leases, .. } = &mut *st;
+                    if let Some(w) = watched.get_mut(o.user.as_str()) {
+                        w.apply(&o);
+                        w.announce(&o.user, leases);
+                    }
+                    if lease_changed {
+                        st.announce_node(&o.node);
+                    }
+                }
+                Some(Observation::Lease(_)) | None => {}
             }
         }
     }
 
-    /// From now on, one subscription to every user's presence events feeds
-    /// the watches, instead of one per watched user. Called once, before
-    /// any watch. Every gateway then receives every user's changes and
-    /// heartbeat refreshes (one per online user and gateway every TTL/3),
-    /// and a watched user costs no subscription and no task.
-    pub async fn share_subscription(self: &Arc<Self>) -> Result<(), async_nats::SubscribeError> {
-        let events = self.nats.subscribe(subjects::ALL_PRESENCE_EVENTS).await?;
-        self.shared.store(true, Ordering::Release);
+    /// Subscribes to the events that keep the watches current. Called once,
+    /// before any watch. Every gateway follows every node's lease. With
+    /// `shared`, one subscription to every user's events feeds the watches
+    /// too, instead of one per watched user: every gateway then receives
+    /// every user's changes, and a watched user costs no subscription and
+    /// no task.
+    pub async fn subscribe_events(self: &Arc<Self>, shared: bool) -> Result<(), async_nats::SubscribeError> {
+        let subject = if shared { subjects::ALL_PRESENCE_EVENTS } else { subjects::LEASE_EVENTS };
+        let events = self.nats.subscribe(subject).await?;
+        self.shared.store(shared, Ordering::Release);
         tokio::spawn(tasks::in_batches(Arc::downgrade(self), events, Presence::apply_events));
         Ok(())
     }
 
-    /// Re-reads every watched user's entries and announces what changed
-    /// (after a NATS reconnect, when change events may have been missed).
+    /// Re-reads every watched user's entries and every lease, and announces
+    /// what changed (after a NATS reconnect, when change events may have
+    /// been missed).
     pub async fn resync(&self) {
         let users: Vec<UserId> = self.state.lock().watched.keys().cloned().collect();
         for chunk in users.chunks(500) {
-            let items = match presence::snapshot(&self.nats, chunk).await {
-                Ok(items) => items,
+            let snapshot = match presence::snapshot(&self.nats, chunk).await {
+                Ok(s) => s,
                 Err(e) => return tracing::warn!(error = %e, "presence resync failed"),
             };
             let mut st = self.state.lock();
+            let State { watched, leases, .. } = &mut *st;
+            leases.merge(&snapshot);
             for u in chunk {
-                let Some(w) = st.watched.get_mut(u) else { continue };
+                let Some(w) = watched.get_mut(u) else { continue };
+                let items = snapshot.of(u.as_str());
                 // Entries absent from the snapshot are gone.
-                let present: HashSet<&str> =
-                    items.iter().filter(|o| o.user == u.as_str()).map(|o| o.node.as_str()).collect();
+                let present: HashSet<&str> = items.iter().map(|o| o.node.as_str()).collect();
                 for (node, (_, entry)) in w.nodes.iter_mut() {
                     if !present.contains(node.as_str()) {
                         *entry = None;
                     }
                 }
-                for o in items.iter().filter(|o| o.user == u.as_str()) {
+                for o in items {
                     w.apply(o);
                 }
-                w.announce(u.as_str());
+                w.announce(u.as_str(), leases);
             }
         }
     }
@@ -426,15 +470,14 @@ impl Presence {
 
     /// Current presence of `users` without subscribing (HTTP).
     pub async fn lookup(&self, users: &[UserId]) -> Result<Vec<(UserId, View)>, String> {
-        let items = presence::snapshot(&self.nats, users).await?;
+        let snapshot = presence::snapshot(&self.nats, users).await?;
+        let mut st = self.state.lock();
+        st.leases.merge(&snapshot);
         Ok(users
             .iter()
             .map(|u| {
-                let mut w = Watch::new(HashMap::new());
-                for o in items.iter().filter(|o| o.user == u.as_str()) {
-                    w.apply(o);
-                }
-                (u.clone(), w.view())
+                let (status, last_seen) = st.leases.view(snapshot.of(u.as_str()));
+                (u.clone(), View { status, last_seen })
             })
             .collect())
     }
@@ -451,10 +494,9 @@ impl Presence {
 /// message sends share them), and gives a permit back only when its ack
 /// future completes. A writer that stopped polling its acks while it waited
 /// for a permit would wait for ever, and so would every message send of the
-/// gateway: it did, after a heartbeat of more than 5 000 users.
+/// gateway: it did, after a burst of more than 5 000 writes.
 async fn write_loop(
     js: jetstream::Context,
-    node: NodeId,
     mut rx: mpsc::UnboundedReceiver<Write>,
     metrics: Arc<super::metrics::Metrics>,
 ) {
@@ -466,20 +508,21 @@ async fn write_loop(
     let nats = js.client();
     let mut acks = FuturesUnordered::new();
     while let Some(w) = alongside(rx.recv(), &mut acks, acked).await {
+        let subject = w.put.subject.clone();
         if w.refresh {
-            match presence::refresh(&nats, &w.user, &node, &w.entry, w.ttl).await {
+            match presence::refresh(&nats, w.put).await {
                 Ok(()) => {
                     metrics.presence_updates.inc();
                 }
-                Err(e) => tracing::warn!(user = %w.user, error = %e, "presence refresh failed"),
+                Err(e) => tracing::warn!(subject, error = %e, "presence refresh failed"),
             }
         } else {
-            match alongside(presence::send(&js, &w.user, &node, &w.entry, w.ttl), &mut acks, acked).await {
+            match alongside(presence::send(&js, w.put), &mut acks, acked).await {
                 Ok(fut) => {
                     metrics.presence_updates.inc();
                     acks.push(fut.into_future())
                 }
-                Err(e) => tracing::warn!(user = %w.user, error = %e, "presence write failed"),
+                Err(e) => tracing::warn!(subject, error = %e, "presence write failed"),
             }
         }
         if let Some(done) = w.done {
@@ -494,23 +537,28 @@ async fn write_loop(
     }
 }
 
-/// Refreshes every local entry well within its TTL: each entry once every
-/// TTL/3, a slice of them at a time (a tenth of that period apart).
+/// Refreshes the lease every TTL/3, acknowledged, and with it the rare
+/// entry unwritten for [`ENTRY_REFRESH`] (a session of more than a day).
+/// Nothing else: the heartbeat costs one write per node, whatever its
+/// number of users.
 async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
     let Some(every) = p.upgrade().map(|p| p.settings.ttl / 3) else { return };
-    let mut tick = tokio::time::interval(every.max(Duration::from_millis(300)) / HEARTBEAT_SLICES);
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(300)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    for n in 0u64.. {
+    loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         let Some(p) = p.upgrade() else { return };
-        let st = p.state.lock();
-        for (user, l) in st.due(n) {
-            let refresh = Write::change(user.clone(), Presence::local_entry(l), p.settings.ttl);
-            let _ = p.writes.send(Write { refresh: true, ..refresh });
+        let _ = p.writes.send(Write::change(p.lease(p.settings.ttl)));
+        let now = Instant::now();
+        let mut st = p.state.lock();
+        for (user, l) in st.due(now) {
+            l.written = now;
+            let put = p.entry(user, Presence::status_of(l), l.sessions.len());
+            let _ = p.writes.send(Write { refresh: true, ..Write::change(put) });
         }
     }
 }
@@ -519,29 +567,28 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
 mod tests {
     use super::*;
 
-    fn state() -> State {
-        State { local: HashMap::new(), watched: HashMap::new(), next_slice: 0 }
-    }
-
     #[test]
-    fn the_heartbeat_refreshes_each_entry_with_a_session_once_per_round_in_even_slices() {
-        let mut st = state();
-        let users: Vec<UserId> = (0..1000).map(|i| UserId::parse(&format!("u{i}")).unwrap()).collect();
+    fn the_heartbeat_rewrites_an_entry_only_a_day_after_its_last_write() {
+        let mut st = State::new();
+        let users: Vec<UserId> = (0..100).map(|i| UserId::parse(&format!("u{i}")).unwrap()).collect();
+        let start = Instant::now();
         for (i, u) in users.iter().enumerate() {
-            st.local_mut(u).sessions.push((i as u64, Status::Online));
+            let l = st.local.entry(u.clone()).or_insert_with(Local::new);
+            l.sessions.push((i as u64, Status::Online));
+            l.written = start;
         }
-        st.local_mut(&users[0]).sessions.clear(); // in its grace period: not refreshed
-        let mut written: HashMap<&UserId, u32> = HashMap::new();
-        // Two rounds, starting mid-round.
-        for tick in 7..7 + 2 * u64::from(HEARTBEAT_SLICES) {
-            let due: Vec<&UserId> = st.due(tick).map(|(u, _)| u).collect();
-            assert!((99..=100).contains(&due.len()), "tick {tick}: {} entries", due.len());
-            for u in due {
-                *written.entry(u).or_default() += 1;
-            }
-        }
-        assert_eq!(written.len(), 999);
-        assert!(!written.contains_key(&users[0]));
-        assert!(written.values().all(|&n| n == 2), "each entry twice in two rounds");
+        st.local.get_mut(&users[0]).unwrap().sessions.clear(); // in its grace period: not refreshed
+        assert_eq!(st.due(start + ENTRY_REFRESH / 2).count(), 0, "nothing is due within the day");
+        let later = start + ENTRY_REFRESH;
+        let due: HashSet<UserId> = st
+            .due(later)
+            .map(|(u, l)| {
+                l.written = later;
+                u.clone()
+            })
+            .collect();
+        assert_eq!(due.len(), 99);
+        assert!(!due.contains(&users[0]));
+        assert_eq!(st.due(later + Duration::from_secs(1)).count(), 0, "each once per day");
     }
 }

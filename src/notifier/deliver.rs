@@ -226,20 +226,12 @@ async fn send_one<'a>(pushers: &crate::push::Pushers, i: usize, p: Push<'a>) -> 
 /// so configured), including users with no presence entry at all.
 async fn offline_users(shared: &Shared, users: &HashSet<&str>) -> anyhow::Result<HashSet<String>> {
     let ids: Vec<UserId> = users.iter().filter_map(|u| UserId::parse(u).ok()).collect();
-    let mut best: HashMap<String, Vec<presence::Entry>> = HashMap::new();
-    for chunk in ids.chunks(500) {
-        let seen = presence::snapshot(&shared.nats, chunk).await.map_err(|e| anyhow::anyhow!("presence: {e}"))?;
-        for o in seen {
-            if let Some(entry) = o.entry {
-                best.entry(o.user).or_default().push(entry);
-            }
-        }
-    }
+    let seen = presence::snapshot(&shared.nats, &ids).await.map_err(|e| anyhow::anyhow!("presence: {e}"))?;
     let away_counts = shared.settings.push_when_away;
     Ok(users
         .iter()
         .filter(|u| {
-            let (status, _) = presence::aggregate(best.get(**u).into_iter().flatten());
+            let (status, _) = seen.view(u);
             status == Status::Offline || (away_counts && status == Status::Away)
         })
         .map(|u| (*u).to_owned())

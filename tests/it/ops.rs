@@ -190,18 +190,15 @@ async fn gateway_setup(nats: &ConfiguredNats, gw: &User) -> kv::Store {
 
 /// A presence heartbeat as the gateway sends it (JetStream publish with a TTL).
 async fn heartbeat(gw: &User, user: &str) {
-    let entry = presence::Entry { status: presence::Status::Online, sessions: 1, last_seen: 1 };
-    presence::send(
-        &gw.js(),
-        &UserId::parse(user).unwrap(),
-        &NodeId::parse("gw1").unwrap(),
-        &entry,
-        Duration::from_secs(30),
-    )
-    .await
-    .expect("presence write")
-    .await
-    .expect("presence write acked");
+    let gw1 = NodeId::parse("gw1").unwrap();
+    let lease = presence::Lease { epoch: 1, last_seen: 1 };
+    let entry = presence::Entry { status: presence::Status::Online, sessions: 1, last_seen: 1, lease: Some(1) };
+    for put in [
+        presence::Put::lease(&gw1, &lease, Duration::from_secs(30)),
+        presence::Put::entry(&UserId::parse(user).unwrap(), &gw1, &entry, Duration::from_secs(30)),
+    ] {
+        presence::send(&gw.js(), put).await.expect("presence write").await.expect("presence write acked");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,11 +246,13 @@ async fn gateway_user_does_its_work_and_nothing_else() {
     tokio::time::timeout(WAIT, presence_evt.next()).await.expect("presence change is republished").unwrap();
     assert!(presence.get("alice.gw1").await.expect("presence get").is_some());
     let snap = presence::snapshot(&gw.client, &[UserId::parse("alice").unwrap()]).await.expect("presence snapshot");
-    assert_eq!(snap.len(), 1);
-    // The heartbeat's refresh: a core publish, stored without an ack.
-    let entry = presence::Entry { status: presence::Status::Online, sessions: 1, last_seen: 2 };
+    assert_eq!(snap.of("alice").len(), 1);
+    assert_eq!(snap.view("alice").0, presence::Status::Online, "the lease is read with the entries");
+    // A refresh: a core publish, stored without an ack.
+    let entry = presence::Entry { status: presence::Status::Online, sessions: 1, last_seen: 2, lease: Some(1) };
     let (alice, gw1) = (UserId::parse("alice").unwrap(), NodeId::parse("gw1").unwrap());
-    presence::refresh(&gw.client, &alice, &gw1, &entry, Duration::from_secs(30)).await.expect("presence refresh");
+    let put = presence::Put::entry(&alice, &gw1, &entry, Duration::from_secs(30));
+    presence::refresh(&gw.client, put).await.expect("presence refresh");
     tokio::time::timeout(WAIT, presence_evt.next()).await.expect("the refresh is stored and republished").unwrap();
     let stored = presence.get("alice.gw1").await.expect("presence get").expect("entry");
     assert_eq!(serde_json::from_slice::<presence::Entry>(&stored).unwrap(), entry);
@@ -329,7 +328,8 @@ async fn notifier_user_consumes_but_cannot_publish_messages() {
     let kv = js.get_key_value("presence").await.expect("notifier opens the presence bucket");
     assert!(kv.get("bob.gw1").await.expect("presence get").is_some());
     let snap = presence::snapshot(&nt.client, &[UserId::parse("bob").unwrap()]).await.expect("presence snapshot");
-    assert_eq!(snap.len(), 1);
+    assert_eq!(snap.of("bob").len(), 1);
+    assert_eq!(snap.view("bob").0, presence::Status::Online, "the lease is read with the entries");
 
     // "Unread changed" for a user.
     nt.client.publish("chat.user.bob.event", "{}".into()).await.unwrap();

@@ -154,6 +154,64 @@ async fn killed_gateways_users_go_offline(watcher: &[&str]) {
     assert!(killed.elapsed() <= Duration::from_secs(4), "offline only after {:?}", killed.elapsed());
 }
 
+/// The heartbeat refreshes the node's lease, not each user's entry: with
+/// 20 users online over several lease periods, the presence stream grows
+/// by the lease refreshes alone (before leases, every entry was rewritten
+/// every TTL/3: 20 × 3 per period here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_writes_one_lease_per_gateway_not_an_entry_per_user() {
+    let nats = NatsServer::start();
+    let db = TestDb::new().await;
+    let gw = spawn_gateway(&nats, &db, "gw-beat", &["--presence-ttl", "3s"]).await;
+    let mut bob = Client::connect(gw.addr, "bob").await;
+    let users: Vec<String> = (0..20).map(|i| format!("user{i}")).collect();
+    bob.send(json!({"type":"presence_sub","users":users})).await;
+    for _ in &users {
+        assert_eq!(bob.expect("presence").await["status"], "offline");
+    }
+    let mut clients = Vec::new();
+    for u in &users {
+        clients.push(Client::connect(gw.addr, u).await);
+        assert_eq!(presence_of(&mut bob, u, Duration::from_secs(2)).await["status"], "online");
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let last_seq = || async { js.get_stream("KV_presence").await.unwrap().info().await.unwrap().state.last_sequence };
+    let before = last_seq().await;
+    let held = Instant::now();
+    // Three lease periods: the users stay online all along.
+    bob.expect_silence(Duration::from_secs(9)).await;
+    let writes = last_seq().await - before;
+    let periods = held.elapsed().as_secs_f64() / 1.0; // a refresh every TTL/3 = 1 s
+    assert!(writes as f64 <= periods + 2.0, "{writes} writes in {:?}: more than the lease's", held.elapsed());
+    assert!(writes >= 6, "{writes} writes in {:?}: the lease was not refreshed", held.elapsed());
+    drop(clients);
+}
+
+/// A gateway killed and started again under the same node id takes a new
+/// lease: the users of its previous life stay offline, whether a watcher
+/// saw them go or reads them afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_restarted_under_its_node_id_does_not_revive_its_previous_users() {
+    let nats = NatsServer::start();
+    let db = TestDb::new().await;
+    let gw = spawn_gateway(&nats, &db, "gw-watch", &[]).await;
+    let mut doomed = GatewayProcess::start(&nats.url(), &db, "gw-again", &["--presence-ttl", "2s"]);
+    let mut bob = Client::connect(gw.addr, "bob").await;
+    assert_eq!(watch(&mut bob, "alice").await["status"], "offline");
+    let _alice = Client::connect(doomed.addr, "alice").await;
+    assert_eq!(presence_of(&mut bob, "alice", Duration::from_secs(2)).await["status"], "online");
+    doomed.kill9();
+    assert_eq!(presence_of(&mut bob, "alice", Duration::from_secs(5)).await["status"], "offline");
+    let again = GatewayProcess::start(&nats.url(), &db, "gw-again", &["--presence-ttl", "2s"]);
+    let _carol = Client::connect(again.addr, "carol").await; // the new life writes
+    bob.expect_silence(Duration::from_secs(3)).await;
+    let mut dave = Client::connect(again.addr, "dave").await;
+    assert_eq!(watch(&mut dave, "alice").await["status"], "offline");
+    let looked_up = get_json(format!("http://{}/v1/presence?users=alice,carol", again.addr), "dave").await;
+    assert_eq!(looked_up["presence"][0]["status"], "offline", "{looked_up}");
+    assert_eq!(looked_up["presence"][1]["status"], "online", "{looked_up}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_reaches_the_others_never_the_typist_and_stops_on_close() {
     let s = Stack::start().await;
@@ -309,7 +367,7 @@ async fn presence_writes_beyond_the_unacknowledged_publish_limit_are_all_stored(
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         let stored = bus::snapshot(&client, &users).await.unwrap();
-        let online = stored.iter().filter(|o| o.entry.is_some_and(|e| e.status == bus::Status::Online)).count();
+        let online = users.iter().filter(|u| stored.view(u.as_str()).0 == bus::Status::Online).count();
         if online == users.len() {
             break;
         }
