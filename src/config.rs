@@ -85,12 +85,12 @@ pub enum RoomSubscriptions {
 /// watch (`presence_sub`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PresenceSubscriptions {
-    /// One NATS subscription (and task) per watched user: ~13 KiB per
+    /// One NATS subscription (and task) per watched user: ~10 KiB per
     /// watched user on the gateway, and only those users' events.
     PerUser,
     /// One NATS subscription for every user's events: a watched user costs
-    /// no subscription, but the gateway receives every user's changes and
-    /// heartbeat refreshes (one per online user every TTL/3).
+    /// no subscription, but the gateway receives every user's changes
+    /// (connects, disconnects, away) and every gateway's lease refreshes.
     Shared,
 }
 
@@ -223,11 +223,10 @@ pub struct GatewaySettings {
     #[arg(long, env = "NATTER_ROOM_SUBSCRIPTIONS", value_enum, default_value_t = RoomSubscriptions::PerRoom)]
     pub room_subscriptions: RoomSubscriptions,
     /// How the gateway receives the presence events of watched users:
-    /// `per-user` (a NATS subscription per watched user) or `shared` (one for
-    /// every user; far less memory per watched user, but every user's
-    /// heartbeat refreshes reach every gateway). docs/architecture.md says
-    /// which to choose.
-    #[arg(long, env = "NATTER_PRESENCE_SUBSCRIPTIONS", value_enum, default_value_t = PresenceSubscriptions::PerUser)]
+    /// `shared` (one subscription for every user's changes; far less memory
+    /// per watched user) or `per-user` (a NATS subscription per watched
+    /// user). docs/architecture.md says which to choose.
+    #[arg(long, env = "NATTER_PRESENCE_SUBSCRIPTIONS", value_enum, default_value_t = PresenceSubscriptions::Shared)]
     pub presence_subscriptions: PresenceSubscriptions,
     /// Test hook: drop every Nth live delivery before gap detection (0 = off).
     #[arg(long, env = "NATTER_FAULT_DROP_LIVE_EVERY", default_value_t = 0, hide = true)]

@@ -139,7 +139,6 @@ impl Gateway {
             nats.clone(),
             node.clone(),
             presence::PresenceSettings { ttl: settings.presence_ttl, grace: settings.presence_grace },
-            shutdown.clone(),
             metrics.clone(),
         );
         let shared = settings.presence_subscriptions == PresenceSubscriptions::Shared;

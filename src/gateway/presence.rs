@@ -175,6 +175,9 @@ pub struct Presence {
     state: Mutex<State>,
     /// One subscription feeds every watch ([`Presence::subscribe_events`]).
     shared: AtomicBool,
+    /// Ends the heartbeat. It runs through a shutdown's drain window, while
+    /// sockets are still open, and ends at the hand-over.
+    heartbeat: CancellationToken,
 }
 
 pub fn frame(user: &str, v: View) -> Utf8Bytes {
@@ -192,14 +195,14 @@ pub fn frame(user: &str, v: View) -> Utf8Bytes {
 
 impl Presence {
     /// Takes this node's lease and starts the writer and heartbeat tasks
-    /// (they end with `stop`). The lease is the first write, so it is
-    /// stored before any entry that lives by it.
+    /// (they end with [`Presence::hand_over`], or when this is dropped).
+    /// The lease is the first write, so it is stored before any entry that
+    /// lives by it.
     pub fn start(
         js: jetstream::Context,
         nats: Client,
         node: NodeId,
         settings: PresenceSettings,
-        stop: CancellationToken,
         metrics: Arc<super::metrics::Metrics>,
     ) -> Arc<Self> {
         let (writes, rx) = mpsc::unbounded_channel();
@@ -211,10 +214,11 @@ impl Presence {
             writes,
             state: Mutex::new(State::new()),
             shared: AtomicBool::new(false),
+            heartbeat: CancellationToken::new(),
         });
         let _ = p.writes.send(Write::change(p.lease(settings.ttl)));
         tokio::spawn(write_loop(js, rx, metrics));
-        tokio::spawn(heartbeat(Arc::downgrade(&p), stop));
+        tokio::spawn(heartbeat(Arc::downgrade(&p), p.heartbeat.clone()));
         p
     }
 
@@ -295,6 +299,7 @@ impl Presence {
     /// grace never show offline; the others go offline when the lease
     /// expires, with no process left.
     pub async fn hand_over(&self, within: Duration) -> usize {
+        self.heartbeat.cancel();
         let local: Vec<(UserId, Local)> = self.state.lock().local.drain().collect();
         let n = local.len();
         for (user, l) in local {

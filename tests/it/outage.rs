@@ -20,13 +20,22 @@ async fn nats_restart_keeps_connections_refuses_sends_meanwhile_and_recovers() {
 /// The gateways' shared subscriptions come back with the connection too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_recovers_with_shared_subscriptions() {
-    let shared = ["--room-subscriptions", "shared", "--presence-subscriptions", "shared"];
-    let mut s = Stack::with(&shared, &shared).await;
+    presence_flows_after_a_restart(&["--room-subscriptions", "shared", "--presence-subscriptions", "shared"]).await;
+}
+
+/// And so do per-user presence subscriptions, with the lease subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_recovers_with_per_user_presence_subscriptions() {
+    presence_flows_after_a_restart(&["--presence-subscriptions", "per-user"]).await;
+}
+
+async fn presence_flows_after_a_restart(args: &[&str]) {
+    let mut s = Stack::with(args, args).await;
     let mut carol = Client::connect(s.gw2.addr, "carol").await;
     carol.send(json!({"type": "presence_sub", "users": ["dave"]})).await;
     assert_eq!(carol.expect("presence").await["status"], "offline");
     s = nats_restart(s).await;
-    // Presence events flow again through the shared subscription.
+    // Presence events flow again.
     let _dave = Client::connect(s.gw1.addr, "dave").await;
     let p = carol.expect("presence").await;
     assert_eq!((p["user"].as_str(), p["status"].as_str()), (Some("dave"), Some("online")), "{p}");

@@ -25,8 +25,9 @@ async fn watch(c: &mut Client, user: &str) -> Value {
     presence_of(c, user, Duration::from_secs(5)).await
 }
 
-/// Watching gateways with one subscription for every user's events.
-const SHARED: &[&str] = &["--presence-subscriptions", "shared"];
+/// Watching gateways with one subscription per watched user (the default
+/// is one for every user's events).
+const PER_USER: &[&str] = &["--presence-subscriptions", "per-user"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_away_and_offline_after_the_grace_reach_another_gateway() {
@@ -34,8 +35,8 @@ async fn online_away_and_offline_after_the_grace_reach_another_gateway() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn online_away_and_offline_reach_a_gateway_with_a_shared_subscription() {
-    online_away_offline(SHARED).await;
+async fn online_away_and_offline_reach_a_gateway_with_per_user_subscriptions() {
+    online_away_offline(PER_USER).await;
 }
 
 /// bob, on gw2 (started with `watcher`), watches alice on gw1.
@@ -111,10 +112,11 @@ async fn a_killed_gateways_users_go_offline_by_ttl_alone() {
     killed_gateways_users_go_offline(&[]).await;
 }
 
-/// The expiry markers reach a shared subscription too.
+/// The lease's expiry marker reaches a gateway with per-user subscriptions
+/// too (on its lease subscription).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_gateways_users_go_offline_with_a_shared_subscription() {
-    killed_gateways_users_go_offline(SHARED).await;
+async fn a_killed_gateways_users_go_offline_with_per_user_subscriptions() {
+    killed_gateways_users_go_offline(PER_USER).await;
 }
 
 async fn killed_gateways_users_go_offline(watcher: &[&str]) {
@@ -123,7 +125,6 @@ async fn killed_gateways_users_go_offline(watcher: &[&str]) {
     let gw = spawn_gateway(&nats, &db, "gw-watch", watcher).await;
     let mut doomed = GatewayProcess::start(&nats.url(), &db, "gw-doomed", &["--presence-ttl", "2s"]);
     let mut bob = Client::connect(gw.addr, "bob").await;
-    // More users than the heartbeat has slices, so every slice is refreshed.
     let users: Vec<String> = (0..12).map(|i| format!("user{i}")).collect();
     bob.send(json!({"type":"presence_sub","users":users})).await;
     for _ in &users {
@@ -134,8 +135,7 @@ async fn killed_gateways_users_go_offline(watcher: &[&str]) {
         clients.push(Client::connect(doomed.addr, u).await);
         assert_eq!(presence_of(&mut bob, u, Duration::from_secs(2)).await["status"], "online");
     }
-    // All stay online across heartbeats (TTL 2 s, each entry refreshed every
-    // ~0.7 s, a slice of them every ~70 ms).
+    // All stay online across lease refreshes (TTL 2 s, refreshed every ~0.7 s).
     bob.expect_silence(Duration::from_secs(3)).await;
     let killed = Instant::now();
     doomed.kill9();
@@ -210,6 +210,56 @@ async fn a_gateway_restarted_under_its_node_id_does_not_revive_its_previous_user
     let looked_up = get_json(format!("http://{}/v1/presence?users=alice,carol", again.addr), "dave").await;
     assert_eq!(looked_up["presence"][0]["status"], "offline", "{looked_up}");
     assert_eq!(looked_up["presence"][1]["status"], "online", "{looked_up}");
+}
+
+/// A draining gateway keeps its lease through the drain window: each of its
+/// users stays online until their own socket is closed (the heartbeat used
+/// to stop when the drain began, so a lease shorter than the window expired
+/// under users still connected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_gateways_users_stay_online_until_their_sockets_close() {
+    const WINDOW: Duration = Duration::from_secs(8);
+    let nats = NatsServer::start();
+    let db = TestDb::new().await;
+    let gw = spawn_gateway(&nats, &db, "gw-watch", &[]).await;
+    let args = ["--presence-ttl", "2s", "--presence-grace", "1s", "--drain-window", "8s"];
+    let mut draining = GatewayProcess::start(&nats.url(), &db, "gw-draining", &args);
+    let mut bob = Client::connect(gw.addr, "bob").await;
+    let users: Vec<String> = (0..10).map(|i| format!("user{i}")).collect();
+    bob.send(json!({"type":"presence_sub","users":users})).await;
+    for _ in &users {
+        assert_eq!(bob.expect("presence").await["status"], "offline");
+    }
+    let mut closed = Vec::new();
+    for u in &users {
+        let mut c = Client::connect(draining.addr, u).await;
+        assert_eq!(presence_of(&mut bob, u, Duration::from_secs(2)).await["status"], "online");
+        closed.push(tokio::spawn(async move {
+            let code = c.expect_close().await;
+            (c.user.clone(), code, Instant::now())
+        }));
+    }
+    let sigterm_at = Instant::now();
+    let terminated = tokio::task::spawn_blocking(move || draining.terminate(WINDOW + Duration::from_secs(2)));
+    let mut offline_at = std::collections::HashMap::new();
+    while offline_at.len() < users.len() {
+        let left = (WINDOW + Duration::from_secs(4)).saturating_sub(sigterm_at.elapsed());
+        match bob.next_within(left).await {
+            Some(Ok(p)) if p["type"] == "presence" => {
+                assert_eq!(p["status"], "offline", "{p}");
+                offline_at.insert(p["user"].as_str().unwrap().to_owned(), Instant::now());
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("offline for {:?} only, then {other:?}", offline_at.keys()),
+        }
+    }
+    for c in closed {
+        let (user, code, at) = c.await.unwrap();
+        assert_eq!(code, Some(1012), "{user}");
+        let off = offline_at[&user];
+        assert!(off >= at, "{user} shown offline {:?} before their socket closed", at - off);
+    }
+    assert!(terminated.await.unwrap().is_some_and(|s| s.success()), "exit 0 within the window");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,13 +401,11 @@ async fn presence_writes_beyond_the_unacknowledged_publish_limit_are_all_stored(
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::ContextBuilder::new().max_ack_inflight(4).build(client.clone());
     bus::ensure_bucket(&js, &nats_settings(nats.url())).await.unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
     let presence = Presence::start(
         js.clone(),
         client.clone(),
         NodeId::parse("n1").unwrap(),
         PresenceSettings { ttl: Duration::from_secs(30), grace: Duration::from_secs(1) },
-        stop.clone(),
         Arc::new(Metrics::default()),
     );
     let users: Vec<UserId> = (0..50).map(|i| UserId::parse(&format!("u{i}")).unwrap()).collect();
@@ -377,5 +425,4 @@ async fn presence_writes_beyond_the_unacknowledged_publish_limit_are_all_stored(
     // The context's permits all came back: another publish is acknowledged.
     let ack = js.publish("$KV.presence.u0.n2", "{}".into()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), ack.into_future()).await.expect("ack in time").unwrap();
-    stop.cancel();
 }
