@@ -85,7 +85,7 @@ pub enum RoomSubscriptions {
 /// watch (`presence_sub`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PresenceSubscriptions {
-    /// One NATS subscription (and task) per watched user: ~10 KiB per
+    /// One NATS subscription (and task) per watched user: ~12 KiB per
     /// watched user on the gateway, and only those users' events.
     PerUser,
     /// One NATS subscription for every user's events: a watched user costs
