@@ -232,17 +232,22 @@ impl Leases {
 
     /// Takes in a snapshot, whose leases are every lease there was when it
     /// was read: a node known here by an older write but absent from it has
-    /// lost its lease.
-    pub fn merge(&mut self, snapshot: &Snapshot) {
+    /// lost its lease. Answers the nodes whose counting entries changed.
+    pub fn merge(&mut self, snapshot: &Snapshot) -> Vec<String> {
+        let mut changed = Vec::new();
         for (node, k) in &snapshot.leases.0 {
             let lease = k.alive.then_some(Lease { epoch: k.epoch, last_seen: k.last_seen });
-            self.apply(&LeaseObserved { node: node.clone(), seq: k.seq, lease });
-        }
-        for (node, k) in self.0.iter_mut() {
-            if k.seq < snapshot.high_water && !snapshot.leases.0.contains_key(node) {
-                k.alive = false;
+            if self.apply(&LeaseObserved { node: node.clone(), seq: k.seq, lease }) {
+                changed.push(node.clone());
             }
         }
+        for (node, k) in self.0.iter_mut() {
+            if k.alive && k.seq < snapshot.high_water && !snapshot.leases.0.contains_key(node) {
+                k.alive = false;
+                changed.push(node.clone());
+            }
+        }
+        changed
     }
 
     /// Whether `entry`, written by `node`, counts.
@@ -463,7 +468,7 @@ mod tests {
         known.apply(&lease("kept", 6, Some(3), 0));
         let mut snapshot = Snapshot { high_water: 20, ..Snapshot::default() };
         snapshot.leases.apply(&lease("kept", 18, Some(3), 0));
-        known.merge(&snapshot);
+        assert_eq!(known.merge(&snapshot), ["old"]);
         assert!(!known.holds("old", &entry(Status::Online, 0, Some(1))), "gone when the snapshot was read");
         assert!(known.holds("new", &entry(Status::Online, 0, Some(2))), "written after the snapshot was read");
         assert!(known.holds("kept", &entry(Status::Online, 0, Some(3))));

@@ -153,6 +153,13 @@ impl State {
         self.local.iter_mut().filter(move |(_, l)| !l.sessions.is_empty() && now >= l.written + ENTRY_REFRESH)
     }
 
+    /// Takes in a snapshot's leases, and tells the watches of what changed.
+    fn merge(&mut self, snapshot: &presence::Snapshot) {
+        for node in self.leases.merge(snapshot) {
+            self.announce_node(&node);
+        }
+    }
+
     /// Tells the subscribers of every watch that has an entry of `node`
     /// what changed, after its lease did.
     fn announce_node(&mut self, node: &str) {
@@ -352,10 +359,10 @@ impl Presence {
         }
         let snapshot = presence::snapshot(&self.nats, &fresh).await;
         let mut st = self.state.lock();
-        let State { watched, leases, .. } = &mut *st;
         if let Ok(s) = &snapshot {
-            leases.merge(s);
+            st.merge(s);
         }
+        let State { watched, leases, .. } = &mut *st;
         let mut subs = subs.into_iter();
         for u in &fresh {
             let sub = subs.next(); // none with the shared subscription
@@ -436,8 +443,8 @@ impl Presence {
                 Err(e) => return tracing::warn!(error = %e, "presence resync failed"),
             };
             let mut st = self.state.lock();
+            st.merge(&snapshot);
             let State { watched, leases, .. } = &mut *st;
-            leases.merge(&snapshot);
             for u in chunk {
                 let Some(w) = watched.get_mut(u) else { continue };
                 let items = snapshot.of(u.as_str());
@@ -477,7 +484,7 @@ impl Presence {
     pub async fn lookup(&self, users: &[UserId]) -> Result<Vec<(UserId, View)>, String> {
         let snapshot = presence::snapshot(&self.nats, users).await?;
         let mut st = self.state.lock();
-        st.leases.merge(&snapshot);
+        st.merge(&snapshot);
         Ok(users
             .iter()
             .map(|u| {
