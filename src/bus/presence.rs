@@ -250,6 +250,14 @@ impl Leases {
         changed
     }
 
+    /// Forgets the nodes that lost their lease before `cutoff` (ms since
+    /// the epoch): entries written under it have expired since, when
+    /// `cutoff` is their TTL ago. A node id is heard of once per gateway
+    /// process, so without this the records would grow with every restart.
+    pub fn forget_ended_before(&mut self, cutoff: i64) {
+        self.0.retain(|_, k| k.alive || k.last_seen >= cutoff);
+    }
+
     /// Whether `entry`, written by `node`, counts.
     pub fn holds(&self, node: &str, entry: &Entry) -> bool {
         match entry.lease {
@@ -458,6 +466,20 @@ mod tests {
         assert!(!leases.holds("gw1", &entry(Status::Online, 5, Some(7))));
         assert!(leases.written_under(&o(20, Some(8))), "the node's next life");
         assert!(leases.holds("gw1", &entry(Status::Online, 5, Some(8))));
+    }
+
+    #[test]
+    fn ended_leases_are_forgotten_after_their_entries_expired() {
+        let mut leases = Leases::default();
+        leases.apply(&lease("ended-long-ago", 1, Some(1), 100));
+        leases.apply(&lease("ended-long-ago", 2, None, 0));
+        leases.apply(&lease("ended-lately", 3, Some(2), 900));
+        leases.apply(&lease("ended-lately", 4, None, 0));
+        leases.apply(&lease("alive", 5, Some(3), 100));
+        leases.forget_ended_before(500);
+        let mut left: Vec<&str> = leases.0.keys().map(String::as_str).collect();
+        left.sort();
+        assert_eq!(left, ["alive", "ended-lately"]);
     }
 
     #[test]

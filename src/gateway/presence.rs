@@ -567,6 +567,7 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
         let _ = p.writes.send(Write::change(p.lease(p.settings.ttl)));
         let now = Instant::now();
         let mut st = p.state.lock();
+        st.leases.forget_ended_before(now_ms() - ENTRY_TTL.as_millis() as i64);
         for (user, l) in st.due(now) {
             l.written = now;
             let put = p.entry(user, Presence::status_of(l), l.sessions.len());
