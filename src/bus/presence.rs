@@ -108,8 +108,8 @@ impl Put {
 
 /// Issues `put`; returns the future of its ack (issue order is write order).
 pub async fn send(js: &jetstream::Context, put: Put) -> Result<jetstream::context::PublishAckFuture, String> {
-    let msg = PublishMessage::build().payload(put.payload.clone()).ttl(Duration::from_secs(put.ttl_secs()));
-    js.send_publish(put.subject, msg).await.map_err(|e| e.to_string())
+    let ttl = Duration::from_secs(put.ttl_secs());
+    js.send_publish(put.subject, PublishMessage::build().payload(put.payload).ttl(ttl)).await.map_err(|e| e.to_string())
 }
 
 /// Rewrites an unchanged value to live another TTL, without asking for an
@@ -140,6 +140,7 @@ pub struct LeaseObserved {
     pub lease: Option<Lease>,
 }
 
+/// One message of the bucket, read.
 #[derive(Debug, Clone)]
 pub enum Observation {
     Entry(Observed),
