@@ -121,6 +121,9 @@ impl Watch {
 
 struct Write {
     put: Put,
+    /// Whose entry it writes (`None`: the lease, which every heartbeat
+    /// writes anyway).
+    user: Option<UserId>,
     /// A heartbeat's refresh of an unchanged entry: published without an
     /// ack (a lost one is followed by the next well within the TTL).
     refresh: bool,
@@ -129,9 +132,14 @@ struct Write {
 }
 
 impl Write {
-    /// An acknowledged write, with no one waiting for it.
-    fn change(put: Put) -> Self {
-        Self { put, refresh: false, done: None }
+    /// An acknowledged write of the lease, with no one waiting for it.
+    fn lease(put: Put) -> Self {
+        Self { put, user: None, refresh: false, done: None }
+    }
+
+    /// An acknowledged write of `user`'s entry, with no one waiting for it.
+    fn change(user: &UserId, put: Put) -> Self {
+        Self { user: Some(user.clone()), ..Self::lease(put) }
     }
 }
 
@@ -185,6 +193,12 @@ pub struct Presence {
     /// Ends the heartbeat. It runs through a shutdown's drain window, while
     /// sockets are still open, and ends at the hand-over.
     heartbeat: CancellationToken,
+    /// Users whose last entry write failed: the heartbeat writes their
+    /// current state again once NATS is connected. Entries are written on
+    /// change only, so one lost during an outage would otherwise stand until
+    /// the user's next change (an online user shown offline, or a user who
+    /// left shown online for as long as the lease lives).
+    unsure: Arc<Mutex<HashSet<UserId>>>,
 }
 
 pub fn frame(user: &str, v: View) -> Utf8Bytes {
@@ -222,9 +236,10 @@ impl Presence {
             state: Mutex::new(State::new()),
             shared: AtomicBool::new(false),
             heartbeat: CancellationToken::new(),
+            unsure: Arc::default(),
         });
-        let _ = p.writes.send(Write::change(p.lease(settings.ttl)));
-        tokio::spawn(write_loop(js, rx, metrics));
+        let _ = p.writes.send(Write::lease(p.lease(settings.ttl)));
+        tokio::spawn(write_loop(js, rx, p.unsure.clone(), metrics));
         tokio::spawn(heartbeat(Arc::downgrade(&p), p.heartbeat.clone()));
         p
     }
@@ -250,7 +265,7 @@ impl Presence {
         if l.published != Some(now) {
             l.published = Some(now);
             l.written = Instant::now();
-            let _ = self.writes.send(Write::change(self.entry(user, now.0, l.sessions.len())));
+            let _ = self.writes.send(Write::change(user, self.entry(user, now.0, l.sessions.len())));
         }
     }
 
@@ -295,7 +310,7 @@ impl Presence {
             let still_gone = st.local.get(&user).is_some_and(|l| l.generation == generation && l.sessions.is_empty());
             if still_gone {
                 st.local.remove(&user);
-                let _ = p.writes.send(Write::change(p.entry(&user, Status::Offline, 0)));
+                let _ = p.writes.send(Write::change(&user, p.entry(&user, Status::Offline, 0)));
             }
         });
     }
@@ -311,11 +326,11 @@ impl Presence {
         let n = local.len();
         for (user, l) in local {
             // Those already in their grace period are offline.
-            let _ = self.writes.send(Write::change(self.entry(&user, Self::status_of(&l), l.sessions.len())));
+            let _ = self.writes.send(Write::change(&user, self.entry(&user, Self::status_of(&l), l.sessions.len())));
         }
         let (done, stored) = tokio::sync::oneshot::channel();
         let lease = self.lease(self.settings.grace.max(Duration::from_secs(1)));
-        let _ = self.writes.send(Write { done: Some(done), ..Write::change(lease) });
+        let _ = self.writes.send(Write { done: Some(done), ..Write::lease(lease) });
         let _ = tokio::time::timeout(within, stored).await;
         n
     }
@@ -507,16 +522,26 @@ impl Presence {
 /// future completes. A writer that stopped polling its acks while it waited
 /// for a permit would wait for ever, and so would every message send of the
 /// gateway: it did, after a burst of more than 5 000 writes.
+///
+/// The user of a write that fails goes into `unsure`, for the heartbeat to
+/// write again.
 async fn write_loop(
     js: jetstream::Context,
     mut rx: mpsc::UnboundedReceiver<Write>,
+    unsure: Arc<Mutex<HashSet<UserId>>>,
     metrics: Arc<super::metrics::Metrics>,
 ) {
-    fn acked<T, E: std::fmt::Display>(r: Result<T, E>) {
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "presence write not acknowledged");
+    let failed = |user: Option<UserId>, subject: &str, error: &dyn std::fmt::Display| {
+        tracing::warn!(subject, error = %error, "presence write failed");
+        if let Some(user) = user {
+            unsure.lock().insert(user);
         }
-    }
+    };
+    let acked = |(user, subject, r): (Option<UserId>, String, Result<_, _>)| {
+        if let Err(e) = r {
+            failed(user, &subject, &e);
+        }
+    };
     let nats = js.client();
     let mut acks = FuturesUnordered::new();
     while let Some(w) = alongside(rx.recv(), &mut acks, acked).await {
@@ -526,15 +551,16 @@ async fn write_loop(
                 Ok(()) => {
                     metrics.presence_updates.inc();
                 }
-                Err(e) => tracing::warn!(subject, error = %e, "presence refresh failed"),
+                Err(e) => failed(w.user, &subject, &e),
             }
         } else {
             match alongside(presence::send(&js, w.put), &mut acks, acked).await {
                 Ok(fut) => {
                     metrics.presence_updates.inc();
-                    acks.push(fut.into_future())
+                    let user = w.user;
+                    acks.push(async move { (user, subject, fut.await) })
                 }
-                Err(e) => tracing::warn!(subject, error = %e, "presence write failed"),
+                Err(e) => failed(w.user, &subject, &e),
             }
         }
         if let Some(done) = w.done {
@@ -550,7 +576,8 @@ async fn write_loop(
 }
 
 /// Refreshes the lease every TTL/3, acknowledged, and with it the rare
-/// entry unwritten for [`ENTRY_REFRESH`] (a session of more than a day).
+/// entry unwritten for [`ENTRY_REFRESH`] (a session of more than a day),
+/// and, while NATS is connected, the entries whose last write failed.
 /// Nothing else: the heartbeat costs one write per node, whatever its
 /// number of users.
 async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
@@ -564,14 +591,28 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let Some(p) = p.upgrade() else { return };
-        let _ = p.writes.send(Write::change(p.lease(p.settings.ttl)));
+        let _ = p.writes.send(Write::lease(p.lease(p.settings.ttl)));
         let now = Instant::now();
         let mut st = p.state.lock();
         st.leases.forget_ended_before(now_ms() - ENTRY_TTL.as_millis() as i64);
         for (user, l) in st.due(now) {
             l.written = now;
             let put = p.entry(user, Presence::status_of(l), l.sessions.len());
-            let _ = p.writes.send(Write { refresh: true, ..Write::change(put) });
+            let _ = p.writes.send(Write { refresh: true, ..Write::change(user, put) });
+        }
+        if p.nats.connection_state() == async_nats::connection::State::Connected {
+            let unsure = std::mem::take(&mut *p.unsure.lock());
+            for user in unsure {
+                let put = match st.local.get_mut(&user) {
+                    Some(l) if l.sessions.is_empty() => continue, // its grace timer writes it
+                    Some(l) => {
+                        l.written = now;
+                        p.entry(&user, Presence::status_of(l), l.sessions.len())
+                    }
+                    None => p.entry(&user, Status::Offline, 0), // gone, and its offline record failed
+                };
+                let _ = p.writes.send(Write::change(&user, put));
+            }
         }
     }
 }

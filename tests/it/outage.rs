@@ -41,6 +41,39 @@ async fn presence_flows_after_a_restart(args: &[&str]) {
     assert_eq!((p["user"].as_str(), p["status"].as_str()), (Some("dave"), Some("online")), "{p}");
 }
 
+/// Presence changes whose writes fail reach the store once JetStream is
+/// back. Entries are written on change only, so a lost write would
+/// otherwise stand: a user who connected shown offline, one who left shown
+/// online for as long as their gateway's lease lives. (A plain NATS restart
+/// loses nothing: async-nats holds the writes and sends them on reconnect.
+/// Here NATS comes back without JetStream first, so they are refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_writes_refused_in_an_outage_are_stored_once_jetstream_is_back() {
+    let args = ["--presence-ttl", "3s", "--presence-grace", "1s"];
+    let mut s = Stack::with(&args, &args).await;
+    let frank = Client::connect(s.gw1.addr, "frank").await;
+    let mut carol = Client::connect(s.gw2.addr, "carol").await;
+    carol.send(json!({"type": "presence_sub", "users": ["frank"]})).await;
+    assert_eventually!(Duration::from_secs(5), carol.expect("presence").await["status"] == "online", "frank online");
+
+    s.nats.kill();
+    assert_eventually!(Duration::from_secs(5), ready(&s.gw1.http()).await.0 == 503, "readyz reflects the outage");
+    s.nats.restart_without_jetstream();
+    assert_eventually!(Duration::from_secs(15), ready(&s.gw1.http()).await.0 == 200, "core NATS is back");
+    let _erin = Client::connect(s.gw1.addr, "erin").await; // her entry is refused
+    drop(frank); // and so is his offline record, after the grace
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.nats.restart();
+
+    // As a client that looks now would see them.
+    let statuses = || async {
+        let p = get_json(format!("{}/v1/presence?users=erin,frank", s.gw2.http()), "carol").await;
+        (p["presence"][0]["status"].clone(), p["presence"][1]["status"].clone())
+    };
+    let expected = (json!("online"), json!("offline"));
+    assert_eventually!(Duration::from_secs(20), statuses().await == expected, "{:?}", statuses().await);
+}
+
 /// Kills and restarts nats-server under two clients in a room; answers the
 /// stack, running again.
 async fn nats_restart(mut s: Stack) -> Stack {

@@ -97,6 +97,16 @@ impl NatsServer {
         self.kill();
         self.spawn();
     }
+
+    /// Starts it again on the same port with JetStream off: core NATS
+    /// works, and every JetStream request has no responder.
+    pub fn restart_without_jetstream(&mut self) {
+        self.kill();
+        let args = std::mem::take(&mut self.args);
+        self.args = args.iter().filter(|a| *a != "-js").take(4).cloned().collect(); // -a <host> -p <port>
+        self.spawn();
+        self.args = args;
+    }
 }
 
 impl Drop for NatsServer {
