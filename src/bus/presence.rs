@@ -112,16 +112,6 @@ pub async fn send(js: &jetstream::Context, put: Put) -> Result<jetstream::contex
     js.send_publish(put.subject, PublishMessage::build().payload(put.payload).ttl(ttl)).await.map_err(|e| e.to_string())
 }
 
-/// Rewrites an unchanged value to live another TTL, without asking for an
-/// ack: a core publish to the bucket's subject, which JetStream stores all
-/// the same. No reply inbox, no ack to read; a lost one is followed by the
-/// next well within the TTL.
-pub async fn refresh(client: &Client, put: Put) -> Result<(), String> {
-    let mut headers = HeaderMap::new();
-    headers.insert(async_nats::header::NATS_MESSAGE_TTL, put.ttl_secs().to_string().as_str());
-    client.publish_with_headers(put.subject, headers, put.payload).await.map_err(|e| e.to_string())
-}
-
 /// A user's entry as read: which node, at which stream sequence, and the
 /// entry (`None` = deleted or expired).
 #[derive(Debug, Clone)]
@@ -289,10 +279,10 @@ impl Leases {
 pub struct Snapshot {
     /// user → the entries of every node.
     entries: HashMap<String, Vec<Observed>>,
-    pub leases: Leases,
+    leases: Leases,
     /// The highest stream sequence read: what was written later is newer
     /// than the snapshot.
-    pub high_water: u64,
+    high_water: u64,
 }
 
 impl Snapshot {

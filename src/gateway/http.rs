@@ -77,6 +77,7 @@ static REQUEST_ID: axum::http::HeaderName = axum::http::HeaderName::from_static(
 async fn metrics(State(state): State<AppState>) -> Response {
     state.metrics.rooms.set(state.hub.room_count() as i64);
     state.metrics.presence_watches.set(state.presence.watch_count() as i64);
+    state.metrics.presence_unstored.set(state.presence.unstored_count() as i64);
     let body = state.metrics.render(&state.db);
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }

@@ -65,6 +65,8 @@ pub struct Metrics {
     pub rooms: Gauge,
     /// Users whose presence clients of this gateway watch, read at scrape.
     pub presence_watches: Gauge,
+    /// Users whose last presence write was not stored, read at scrape.
+    pub presence_unstored: Gauge,
 }
 
 impl Default for Metrics {
@@ -84,6 +86,7 @@ impl Default for Metrics {
             db_pool: Family::default(),
             rooms: Gauge::default(),
             presence_watches: Gauge::default(),
+            presence_unstored: Gauge::default(),
         }
     }
 }
@@ -106,12 +109,18 @@ impl Metrics {
             self.live_unrouted.clone(),
         );
         r.register("presence_updates", "Presence changes written", self.presence_updates.clone());
+
         r.register("db_pool_connections", "PostgreSQL pool connections by state", self.db_pool.clone());
         r.register("rooms", "Rooms with a member on this gateway", self.rooms.clone());
         r.register(
             "presence_watches",
             "Users whose presence this gateway's clients watch",
             self.presence_watches.clone(),
+        );
+        r.register(
+            "presence_unstored_users",
+            "Users whose last presence write was not stored (written again once NATS is connected)",
+            self.presence_unstored.clone(),
         );
         r
     }

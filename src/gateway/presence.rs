@@ -124,9 +124,6 @@ struct Write {
     /// Whose entry it writes (`None`: the lease, which every heartbeat
     /// writes anyway).
     user: Option<UserId>,
-    /// A heartbeat's refresh of an unchanged entry: published without an
-    /// ack (a lost one is followed by the next well within the TTL).
-    refresh: bool,
     /// Answered once this write and all before it are acknowledged.
     done: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -134,7 +131,7 @@ struct Write {
 impl Write {
     /// An acknowledged write of the lease, with no one waiting for it.
     fn lease(put: Put) -> Self {
-        Self { put, user: None, refresh: false, done: None }
+        Self { put, user: None, done: None }
     }
 
     /// An acknowledged write of `user`'s entry, with no one waiting for it.
@@ -198,7 +195,7 @@ pub struct Presence {
     /// change only, so one lost during an outage would otherwise stand until
     /// the user's next change (an online user shown offline, or a user who
     /// left shown online for as long as the lease lives).
-    unsure: Arc<Mutex<HashSet<UserId>>>,
+    unstored: Arc<Mutex<HashSet<UserId>>>,
 }
 
 pub fn frame(user: &str, v: View) -> Utf8Bytes {
@@ -236,10 +233,10 @@ impl Presence {
             state: Mutex::new(State::new()),
             shared: AtomicBool::new(false),
             heartbeat: CancellationToken::new(),
-            unsure: Arc::default(),
+            unstored: Arc::default(),
         });
         let _ = p.writes.send(Write::lease(p.lease(settings.ttl)));
-        tokio::spawn(write_loop(js, rx, p.unsure.clone(), metrics));
+        tokio::spawn(write_loop(js, rx, p.unstored.clone(), metrics));
         tokio::spawn(heartbeat(Arc::downgrade(&p), p.heartbeat.clone()));
         p
     }
@@ -404,6 +401,11 @@ impl Presence {
         snapshot.map(|_| ())
     }
 
+    /// Users whose last entry write failed, awaiting the heartbeat's rewrite.
+    pub fn unstored_count(&self) -> usize {
+        self.unstored.lock().len()
+    }
+
     /// Users watched from this gateway.
     pub fn watch_count(&self) -> usize {
         self.state.lock().watched.len()
@@ -523,18 +525,18 @@ impl Presence {
 /// for a permit would wait for ever, and so would every message send of the
 /// gateway: it did, after a burst of more than 5 000 writes.
 ///
-/// The user of a write that fails goes into `unsure`, for the heartbeat to
+/// The user of a write that fails goes into `unstored`, for the heartbeat to
 /// write again.
 async fn write_loop(
     js: jetstream::Context,
     mut rx: mpsc::UnboundedReceiver<Write>,
-    unsure: Arc<Mutex<HashSet<UserId>>>,
+    unstored: Arc<Mutex<HashSet<UserId>>>,
     metrics: Arc<super::metrics::Metrics>,
 ) {
     let failed = |user: Option<UserId>, subject: &str, error: &dyn std::fmt::Display| {
         tracing::warn!(subject, error = %error, "presence write failed");
         if let Some(user) = user {
-            unsure.lock().insert(user);
+            unstored.lock().insert(user);
         }
     };
     let acked = |(user, subject, r): (Option<UserId>, String, Result<_, _>)| {
@@ -542,26 +544,16 @@ async fn write_loop(
             failed(user, &subject, &e);
         }
     };
-    let nats = js.client();
     let mut acks = FuturesUnordered::new();
     while let Some(w) = alongside(rx.recv(), &mut acks, acked).await {
         let subject = w.put.subject.clone();
-        if w.refresh {
-            match presence::refresh(&nats, w.put).await {
-                Ok(()) => {
-                    metrics.presence_updates.inc();
-                }
-                Err(e) => failed(w.user, &subject, &e),
+        match alongside(presence::send(&js, w.put), &mut acks, acked).await {
+            Ok(fut) => {
+                metrics.presence_updates.inc();
+                let user = w.user;
+                acks.push(async move { (user, subject, fut.await) })
             }
-        } else {
-            match alongside(presence::send(&js, w.put), &mut acks, acked).await {
-                Ok(fut) => {
-                    metrics.presence_updates.inc();
-                    let user = w.user;
-                    acks.push(async move { (user, subject, fut.await) })
-                }
-                Err(e) => failed(w.user, &subject, &e),
-            }
+            Err(e) => failed(w.user, &subject, &e),
         }
         if let Some(done) = w.done {
             while let Some(r) = acks.next().await {
@@ -598,11 +590,11 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
         for (user, l) in st.due(now) {
             l.written = now;
             let put = p.entry(user, Presence::status_of(l), l.sessions.len());
-            let _ = p.writes.send(Write { refresh: true, ..Write::change(user, put) });
+            let _ = p.writes.send(Write::change(user, put));
         }
         if p.nats.connection_state() == async_nats::connection::State::Connected {
-            let unsure = std::mem::take(&mut *p.unsure.lock());
-            for user in unsure {
+            let unstored = std::mem::take(&mut *p.unstored.lock());
+            for user in unstored {
                 let put = match st.local.get_mut(&user) {
                     Some(l) if l.sessions.is_empty() => continue, // its grace timer writes it
                     Some(l) => {

@@ -248,14 +248,6 @@ async fn gateway_user_does_its_work_and_nothing_else() {
     let snap = presence::snapshot(&gw.client, &[UserId::parse("alice").unwrap()]).await.expect("presence snapshot");
     assert_eq!(snap.of("alice").len(), 1);
     assert_eq!(snap.view("alice").0, presence::Status::Online, "the lease is read with the entries");
-    // A refresh: a core publish, stored without an ack.
-    let entry = presence::Entry { status: presence::Status::Online, sessions: 1, last_seen: 2, lease: Some(1) };
-    let (alice, gw1) = (UserId::parse("alice").unwrap(), NodeId::parse("gw1").unwrap());
-    let put = presence::Put::entry(&alice, &gw1, &entry, Duration::from_secs(30));
-    presence::refresh(&gw.client, put).await.expect("presence refresh");
-    tokio::time::timeout(WAIT, presence_evt.next()).await.expect("the refresh is stored and republished").unwrap();
-    let stored = presence.get("alice.gw1").await.expect("presence get").expect("entry");
-    assert_eq!(serde_json::from_slice::<presence::Entry>(&stored).unwrap(), entry);
 
     // Attachments: the object store round trip.
     let attachments = natter::bus::objects::ensure_attachments(&js, &settings(&nats))

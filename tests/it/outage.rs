@@ -62,7 +62,9 @@ async fn presence_writes_refused_in_an_outage_are_stored_once_jetstream_is_back(
     assert_eventually!(Duration::from_secs(15), ready(&s.gw1.http()).await.0 == 200, "core NATS is back");
     let _erin = Client::connect(s.gw1.addr, "erin").await; // her entry is refused
     drop(frank); // and so is his offline record, after the grace
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Only their writes go through gw1: erin's at once, frank's after the grace.
+    let unstored = || metric(s.gw1.addr, "natter_presence_unstored_users");
+    assert_eventually!(Duration::from_secs(10), unstored().await == 2, "both writes refused: {}", unstored().await);
     s.nats.restart();
 
     // As a client that looks now would see them.

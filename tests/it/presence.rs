@@ -25,6 +25,22 @@ async fn watch(c: &mut Client, user: &str) -> Value {
     presence_of(c, user, Duration::from_secs(5)).await
 }
 
+/// bob watches `n` users (`user0`…), who then connect to `addr` one by one;
+/// answers their clients once bob has seen each come online.
+async fn watched_users_online(bob: &mut Client, addr: std::net::SocketAddr, n: usize) -> Vec<Client> {
+    let users: Vec<String> = (0..n).map(|i| format!("user{i}")).collect();
+    bob.send(json!({"type":"presence_sub","users":users})).await;
+    for _ in &users {
+        assert_eq!(bob.expect("presence").await["status"], "offline");
+    }
+    let mut clients = Vec::new();
+    for u in &users {
+        clients.push(Client::connect(addr, u).await);
+        assert_eq!(presence_of(bob, u, Duration::from_secs(2)).await["status"], "online");
+    }
+    clients
+}
+
 /// Watching gateways with one subscription per watched user (the default
 /// is one for every user's events).
 const PER_USER: &[&str] = &["--presence-subscriptions", "per-user"];
@@ -125,22 +141,13 @@ async fn killed_gateways_users_go_offline(watcher: &[&str]) {
     let gw = spawn_gateway(&nats, &db, "gw-watch", watcher).await;
     let mut doomed = GatewayProcess::start(&nats.url(), &db, "gw-doomed", &["--presence-ttl", "2s"]);
     let mut bob = Client::connect(gw.addr, "bob").await;
-    let users: Vec<String> = (0..12).map(|i| format!("user{i}")).collect();
-    bob.send(json!({"type":"presence_sub","users":users})).await;
-    for _ in &users {
-        assert_eq!(bob.expect("presence").await["status"], "offline");
-    }
-    let mut clients = Vec::new();
-    for u in &users {
-        clients.push(Client::connect(doomed.addr, u).await);
-        assert_eq!(presence_of(&mut bob, u, Duration::from_secs(2)).await["status"], "online");
-    }
+    let clients = watched_users_online(&mut bob, doomed.addr, 12).await;
     // All stay online across lease refreshes (TTL 2 s, refreshed every ~0.7 s).
     bob.expect_silence(Duration::from_secs(3)).await;
     let killed = Instant::now();
     doomed.kill9();
     let mut offline = std::collections::HashSet::new();
-    while offline.len() < users.len() {
+    while offline.len() < clients.len() {
         let left = Duration::from_secs(2 + 2 + 1).saturating_sub(killed.elapsed());
         let p = match bob.next_within(left).await {
             Some(Ok(v)) if v["type"] == "presence" => v,
@@ -164,16 +171,7 @@ async fn the_heartbeat_writes_one_lease_per_gateway_not_an_entry_per_user() {
     let db = TestDb::new().await;
     let gw = spawn_gateway(&nats, &db, "gw-beat", &["--presence-ttl", "3s"]).await;
     let mut bob = Client::connect(gw.addr, "bob").await;
-    let users: Vec<String> = (0..20).map(|i| format!("user{i}")).collect();
-    bob.send(json!({"type":"presence_sub","users":users})).await;
-    for _ in &users {
-        assert_eq!(bob.expect("presence").await["status"], "offline");
-    }
-    let mut clients = Vec::new();
-    for u in &users {
-        clients.push(Client::connect(gw.addr, u).await);
-        assert_eq!(presence_of(&mut bob, u, Duration::from_secs(2)).await["status"], "online");
-    }
+    let clients = watched_users_online(&mut bob, gw.addr, 20).await;
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let last_seq = || async { js.get_stream("KV_presence").await.unwrap().info().await.unwrap().state.last_sequence };
     let before = last_seq().await;
@@ -181,7 +179,7 @@ async fn the_heartbeat_writes_one_lease_per_gateway_not_an_entry_per_user() {
     // Three lease periods: the users stay online all along.
     bob.expect_silence(Duration::from_secs(9)).await;
     let writes = last_seq().await - before;
-    let periods = held.elapsed().as_secs_f64() / 1.0; // a refresh every TTL/3 = 1 s
+    let periods = held.elapsed().as_secs_f64(); // a refresh every TTL/3 = 1 s
     assert!(writes as f64 <= periods + 2.0, "{writes} writes in {:?}: more than the lease's", held.elapsed());
     assert!(writes >= 6, "{writes} writes in {:?}: the lease was not refreshed", held.elapsed());
     drop(clients);
@@ -225,24 +223,21 @@ async fn a_draining_gateways_users_stay_online_until_their_sockets_close() {
     let args = ["--presence-ttl", "2s", "--presence-grace", "1s", "--drain-window", "8s"];
     let mut draining = GatewayProcess::start(&nats.url(), &db, "gw-draining", &args);
     let mut bob = Client::connect(gw.addr, "bob").await;
-    let users: Vec<String> = (0..10).map(|i| format!("user{i}")).collect();
-    bob.send(json!({"type":"presence_sub","users":users})).await;
-    for _ in &users {
-        assert_eq!(bob.expect("presence").await["status"], "offline");
-    }
-    let mut closed = Vec::new();
-    for u in &users {
-        let mut c = Client::connect(draining.addr, u).await;
-        assert_eq!(presence_of(&mut bob, u, Duration::from_secs(2)).await["status"], "online");
-        closed.push(tokio::spawn(async move {
-            let code = c.expect_close().await;
-            (c.user.clone(), code, Instant::now())
-        }));
-    }
+    let clients = watched_users_online(&mut bob, draining.addr, 10).await;
+    let n = clients.len();
+    let closed: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let code = c.expect_close().await;
+                (c.user.clone(), code, Instant::now())
+            })
+        })
+        .collect();
     let sigterm_at = Instant::now();
     let terminated = tokio::task::spawn_blocking(move || draining.terminate(WINDOW + Duration::from_secs(2)));
     let mut offline_at = std::collections::HashMap::new();
-    while offline_at.len() < users.len() {
+    while offline_at.len() < n {
         let left = (WINDOW + Duration::from_secs(4)).saturating_sub(sigterm_at.elapsed());
         match bob.next_within(left).await {
             Some(Ok(p)) if p["type"] == "presence" => {
