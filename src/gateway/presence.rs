@@ -252,6 +252,11 @@ impl Presence {
         Put::entry(user, &self.node, &entry, ENTRY_TTL)
     }
 
+    /// This node's entry for `user` now, as `l` has it.
+    fn entry_of(&self, user: &UserId, l: &Local) -> Put {
+        self.entry(user, Self::status_of(l), l.sessions.len())
+    }
+
     fn status_of(l: &Local) -> Status {
         l.sessions.iter().map(|&(_, s)| s).max().unwrap_or(Status::Offline)
     }
@@ -262,7 +267,7 @@ impl Presence {
         if l.published != Some(now) {
             l.published = Some(now);
             l.written = Instant::now();
-            let _ = self.writes.send(Write::change(user, self.entry(user, now.0, l.sessions.len())));
+            let _ = self.writes.send(Write::change(user, self.entry_of(user, l)));
         }
     }
 
@@ -323,7 +328,7 @@ impl Presence {
         let n = local.len();
         for (user, l) in local {
             // Those already in their grace period are offline.
-            let _ = self.writes.send(Write::change(&user, self.entry(&user, Self::status_of(&l), l.sessions.len())));
+            let _ = self.writes.send(Write::change(&user, self.entry_of(&user, &l)));
         }
         let (done, stored) = tokio::sync::oneshot::channel();
         let lease = self.lease(self.settings.grace.max(Duration::from_secs(1)));
@@ -589,8 +594,7 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
         st.leases.forget_ended_before(now_ms() - ENTRY_TTL.as_millis() as i64);
         for (user, l) in st.due(now) {
             l.written = now;
-            let put = p.entry(user, Presence::status_of(l), l.sessions.len());
-            let _ = p.writes.send(Write::change(user, put));
+            let _ = p.writes.send(Write::change(user, p.entry_of(user, l)));
         }
         if p.nats.connection_state() == async_nats::connection::State::Connected {
             let unstored = std::mem::take(&mut *p.unstored.lock());
@@ -599,7 +603,7 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
                     Some(l) if l.sessions.is_empty() => continue, // its grace timer writes it
                     Some(l) => {
                         l.written = now;
-                        p.entry(&user, Presence::status_of(l), l.sessions.len())
+                        p.entry_of(&user, l)
                     }
                     None => p.entry(&user, Status::Offline, 0), // gone, and its offline record failed
                 };
