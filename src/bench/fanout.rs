@@ -4,8 +4,10 @@
 //! checked (lost, duplicated, out of order) and timed from the send to the
 //! receive on one monotonic clock (the sent instant travels in the body).
 //!
-//! `--saturate` runs steps of rising rate, each drained before the next, and
-//! reports the highest step with p99 within the bound and nothing lost.
+//! `--saturate` runs steps of rising rate, each drained before the next, then
+//! bisects between the highest step that held and the first that did not
+//! (`--refine` times), and reports the highest step with p99 within the bound
+//! and nothing lost.
 
 use std::{
     sync::{
@@ -48,9 +50,13 @@ pub struct FanoutArgs {
     /// Rate factor from one step to the next.
     #[arg(long, default_value_t = 1.3)]
     pub factor: f64,
-    /// Most steps with `--saturate`.
+    /// Most rising steps with `--saturate`.
     #[arg(long, default_value_t = 15)]
     pub max_steps: usize,
+    /// Steps with `--saturate` that bisect (geometrically) between the highest
+    /// rate that held and the lowest that did not, once one has failed.
+    #[arg(long, default_value_t = 2)]
+    pub refine: usize,
     /// The p99 bound of a sustained step.
     #[arg(long, default_value = "50ms", value_parser = crate::config::parse_duration)]
     pub p99_limit: Duration,
@@ -151,40 +157,38 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Fan
 
     let pad = "x".repeat(a.body_bytes.saturating_sub(24));
     let mut steps: Vec<Step> = Vec::new();
-    let mut rate = a.rate;
-    let max_steps = if a.saturate { a.max_steps.max(1) } else { 1 };
-    // Step 0 is the warm-up, never measured.
-    for step in 0..=max_steps {
+    let mut rates = Rates::new(&a);
+    // Step 0 is the warm-up at the first rate, never measured.
+    let mut next = Some(a.rate);
+    let mut step = 0u16;
+    while let Some(rate) = next {
         let duration = if step == 0 { a.warmup } else { a.duration };
-        if duration.is_zero() {
-            continue;
+        if !duration.is_zero() {
+            servers.reset_peaks();
+            let before = servers.snapshot();
+            let started = Instant::now();
+            let sent = send_step(&senders, step, rate, duration, clock, &pad).await?;
+            let seconds = started.elapsed().as_secs_f64();
+            let expected = sent * a.members as u64;
+            let samples = drain(&recorders, step, expected).await;
+            let after = servers.snapshot();
+            if step > 0 {
+                let delivered = samples.len() as u64;
+                let mut lat: Vec<Duration> = samples.into_iter().map(|us| Duration::from_micros(us as u64)).collect();
+                let latencies = percentiles(&mut lat);
+                let p99_ms = latencies["p99_ms"].as_f64().unwrap_or(f64::MAX);
+                let cpu = servers.report(&before, &after);
+                let server_cpu_s = cpu["server_cpu_s"].as_f64().unwrap_or(0.0);
+                eprintln!(
+                    "fanout step {step}: {rate:.0} msg/s, delivered {delivered}/{expected}, p99 {p99_ms} ms, server CPU {server_cpu_s} s"
+                );
+                let held = delivered == expected && p99_ms <= a.p99_limit.as_secs_f64() * 1000.0;
+                rates.record(rate, held);
+                steps.push(Step { rate, sent, expected, delivered, seconds, latencies, p99_ms, cpu, server_cpu_s });
+            }
         }
-        servers.reset_peaks();
-        let before = servers.snapshot();
-        let started = Instant::now();
-        let sent = send_step(&senders, step as u16, rate, duration, clock, &pad).await?;
-        let seconds = started.elapsed().as_secs_f64();
-        let expected = sent * a.members as u64;
-        let samples = drain(&recorders, step as u16, expected).await;
-        let after = servers.snapshot();
-        if step == 0 {
-            continue;
-        }
-        let delivered = samples.len() as u64;
-        let mut lat: Vec<Duration> = samples.into_iter().map(|us| Duration::from_micros(us as u64)).collect();
-        let latencies = percentiles(&mut lat);
-        let p99_ms = latencies["p99_ms"].as_f64().unwrap_or(f64::MAX);
-        let cpu = servers.report(&before, &after);
-        let server_cpu_s = cpu["server_cpu_s"].as_f64().unwrap_or(0.0);
-        eprintln!(
-            "fanout step {step}: {rate:.0} msg/s, delivered {delivered}/{expected}, p99 {p99_ms} ms, server CPU {server_cpu_s} s"
-        );
-        let ok = delivered == expected && p99_ms <= a.p99_limit.as_secs_f64() * 1000.0;
-        steps.push(Step { rate, sent, expected, delivered, seconds, latencies, p99_ms, cpu, server_cpu_s });
-        if !a.saturate || !ok {
-            break;
-        }
-        rate *= a.factor;
+        next = rates.next();
+        step += 1;
     }
 
     let c = &counters;
@@ -217,7 +221,10 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Fan
         v
     };
     if a.saturate {
-        let best = steps.iter().rfind(|s| s.delivered == s.expected && s.p99_ms <= limit_ms);
+        let best = steps
+            .iter()
+            .filter(|s| s.delivered == s.expected && s.p99_ms <= limit_ms)
+            .max_by(|x, y| x.rate.total_cmp(&y.rate));
         extend(
             &mut out,
             json!({
@@ -231,6 +238,53 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Fan
         extend(&mut out, summary(s));
     }
     Ok(out)
+}
+
+/// The rates of the measured steps: one without `--saturate`; with it, rising
+/// by `--factor` until a step fails (or `--max-steps`), then `--refine`
+/// geometric bisections between the highest rate that held and the lowest
+/// that did not.
+struct Rates {
+    first: f64,
+    factor: f64,
+    rising_left: usize,
+    refine_left: usize,
+    held: Option<f64>,
+    failed: Option<f64>,
+}
+
+impl Rates {
+    fn new(a: &FanoutArgs) -> Self {
+        Rates {
+            first: a.rate,
+            factor: a.factor,
+            rising_left: if a.saturate { a.max_steps.max(1) } else { 1 },
+            refine_left: if a.saturate { a.refine } else { 0 },
+            held: None,
+            failed: None,
+        }
+    }
+
+    /// The rate of the next measured step, if any.
+    fn next(&mut self) -> Option<f64> {
+        match (self.held, self.failed) {
+            (held, None) if self.rising_left > 0 => {
+                self.rising_left -= 1;
+                Some(held.map_or(self.first, |h| h * self.factor))
+            }
+            (Some(held), Some(failed)) if self.refine_left > 0 => {
+                self.refine_left -= 1;
+                Some((held * failed).sqrt())
+            }
+            _ => None,
+        }
+    }
+
+    fn record(&mut self, rate: f64, held: bool) {
+        let (slot, keep): (_, fn(f64, f64) -> f64) =
+            if held { (&mut self.held, f64::max) } else { (&mut self.failed, f64::min) };
+        *slot = Some(slot.map_or(rate, |r| keep(r, rate)));
+    }
 }
 
 /// Sends for `duration` at `rate` messages/s in total, spread evenly over the
@@ -350,5 +404,50 @@ async fn read_acks(mut rx: futures::stream::SplitStream<Ws>, counters: Arc<Count
         } else if t.contains(r#""type":"error""#) {
             counters.send_errors.fetch_add(1, Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: FanoutArgs,
+    }
+
+    /// Runs the plan against a system that holds up to `limit` msg/s.
+    fn plan(args: &[&str], limit: f64) -> Vec<f64> {
+        let a = Cli::parse_from(std::iter::once("bench").chain(args.iter().copied())).a;
+        let mut rates = Rates::new(&a);
+        let mut out = Vec::new();
+        while let Some(r) = rates.next() {
+            rates.record(r, r <= limit);
+            out.push((r * 10.0).round() / 10.0);
+        }
+        out
+    }
+
+    #[test]
+    fn one_step_without_saturate() {
+        assert_eq!(plan(&["--rate", "100"], 50.0), vec![100.0]);
+        assert_eq!(plan(&["--rate", "100"], 500.0), vec![100.0]);
+    }
+
+    #[test]
+    fn saturate_rises_until_a_step_fails_then_bisects_between_held_and_failed() {
+        // 100, 200, 400 (fails), then sqrt(200*400)=282.8 (fails), sqrt(200*282.8)=237.8 (holds).
+        let steps = plan(&["--rate", "100", "--factor", "2", "--saturate", "--refine", "2"], 250.0);
+        assert_eq!(steps, vec![100.0, 200.0, 400.0, 282.8, 237.8]);
+    }
+
+    #[test]
+    fn saturate_stops_at_max_steps_and_without_a_held_step_does_not_bisect() {
+        let steps = plan(&["--rate", "100", "--factor", "2", "--saturate", "--max-steps", "3"], 1e9);
+        assert_eq!(steps, vec![100.0, 200.0, 400.0]);
+        assert_eq!(plan(&["--rate", "100", "--saturate"], 50.0), vec![100.0]);
     }
 }

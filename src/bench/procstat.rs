@@ -46,9 +46,10 @@ pub struct Servers {
     procs: Vec<Proc>,
 }
 
-/// One reading of every process, in the order of `Servers`.
+/// One reading of every process, in the order of `Servers`, and of the load
+/// generator itself (this process).
 #[derive(Debug, Clone)]
-pub struct Snapshot(Vec<Sample>);
+pub struct Snapshot(Vec<Sample>, Sample);
 
 impl Servers {
     pub fn new(gateways: &[u32], notifiers: &[u32], others: &[u32]) -> anyhow::Result<Self> {
@@ -77,7 +78,8 @@ impl Servers {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot(self.procs.iter().map(|p| read(p.pid).unwrap_or_default()).collect())
+        let own = read(std::process::id()).unwrap_or_default();
+        Snapshot(self.procs.iter().map(|p| read(p.pid).unwrap_or_default()).collect(), own)
     }
 
     /// CPU seconds used between two snapshots: (gateways, others).
@@ -119,7 +121,12 @@ impl Servers {
             })
             .collect();
         let (gw, other) = self.cpu_between(a, b);
-        json!({"server_cpu_s": super::round(gw + other), "gateway_cpu_s": super::round(gw), "processes": procs})
+        json!({
+            "server_cpu_s": super::round(gw + other),
+            "gateway_cpu_s": super::round(gw),
+            "load_generator_cpu_s": super::round(b.1.cpu_s - a.1.cpu_s),
+            "processes": procs,
+        })
     }
 }
 
@@ -187,5 +194,7 @@ mod tests {
         let roles: Vec<Value> =
             servers.report(&a, &b)["processes"].as_array().unwrap().iter().map(|p| p["role"].clone()).collect();
         assert_eq!(roles, [json!("gateway"), json!("notifier"), json!("notifier")]);
+        let own = servers.report(&a, &b)["load_generator_cpu_s"].as_f64().unwrap();
+        assert!((own - gw).abs() < 0.05, "the load generator is this process too: {own} against {gw}");
     }
 }

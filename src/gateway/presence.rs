@@ -44,6 +44,9 @@ const ENTRY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// after its last write, well within [`ENTRY_TTL`].
 const ENTRY_REFRESH: Duration = Duration::from_secs(24 * 3600);
 
+/// At most one warning per this for failed presence writes.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy)]
 pub struct PresenceSettings {
     /// The lease's lifetime unless refreshed: how long a crashed node's
@@ -531,15 +534,30 @@ impl Presence {
 /// gateway: it did, after a burst of more than 5 000 writes.
 ///
 /// The user of a write that fails goes into `unstored`, for the heartbeat to
-/// write again.
+/// write again. Failures are logged at warn once per [`WARN_EVERY`], with
+/// the number since the last warning (at debug in between): in an outage
+/// every connect, leave and retry fails, and a line for each would flood
+/// the log.
 async fn write_loop(
     js: jetstream::Context,
     mut rx: mpsc::UnboundedReceiver<Write>,
     unstored: Arc<Mutex<HashSet<UserId>>>,
     metrics: Arc<super::metrics::Metrics>,
 ) {
+    let warned: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
     let failed = |user: Option<UserId>, subject: &str, error: &dyn std::fmt::Display| {
-        tracing::warn!(subject, error = %error, "presence write failed");
+        let mut w = warned.lock();
+        let now = Instant::now();
+        match *w {
+            (Some(at), ref mut quiet) if now.duration_since(at) < WARN_EVERY => {
+                *quiet += 1;
+                tracing::debug!(subject, error = %error, "presence write failed");
+            }
+            (_, quiet) => {
+                tracing::warn!(subject, error = %error, failed_since_last_warning = quiet, "presence write failed");
+                *w = (Some(now), 0);
+            }
+        }
         if let Some(user) = user {
             unstored.lock().insert(user);
         }
