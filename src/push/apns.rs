@@ -3,16 +3,21 @@
 //! 50 minutes, and our own HTTP/2 client to the configured base URL (a2
 //! hardcodes Apple's host and keeps its signer private).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use a2::{
     CollapseId, DefaultNotificationBuilder, ErrorBody, ErrorReason, NotificationBuilder as _, NotificationOptions,
-    Priority, PushType, request::payload::PayloadLike as _,
+    Priority, PushType,
+    request::payload::{APS, PayloadLike as _},
 };
 use anyhow::Context as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use parking_lot::Mutex;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use serde::Serialize;
 
 use super::{Attempt, Outcome, Push, retry_after};
 use crate::config::ApnsSettings;
@@ -21,6 +26,23 @@ use crate::config::ApnsSettings;
 const JWT_REFRESH: Duration = Duration::from_secs(50 * 60);
 /// How long Apple keeps a push for a device that is offline (the newest per collapse id).
 const EXPIRY: Duration = Duration::from_secs(24 * 3600);
+
+/// a2's payload as Apple reads it, with the `thread-id` (notification
+/// grouping) that a2's `APS` lacks.
+#[derive(Serialize)]
+struct Body<'a> {
+    aps: Aps<'a>,
+    #[serde(flatten)]
+    data: &'a BTreeMap<&'a str, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct Aps<'a> {
+    #[serde(flatten)]
+    aps: &'a APS<'a>,
+    #[serde(rename = "thread-id")]
+    thread_id: &'a str,
+}
 
 /// Sends to APNS (`POST {base}/3/device/{token}` over HTTP/2).
 pub struct ApnsSender {
@@ -117,9 +139,9 @@ impl ApnsSender {
         payload.add_custom_data("room", &push.room)?;
         payload.add_custom_data("seq", &seq)?;
         payload.add_custom_data("id", &push.message_id)?;
-        // a2's `APS` has no `thread-id`: add it to the serialized payload.
-        let mut body = serde_json::to_value(&payload)?;
-        body["aps"]["thread-id"] = push.room.into();
+        // a2's `APS` has no `thread-id`: it is added as the payload is
+        // written, without a `serde_json::Value` in between.
+        let body = Body { aps: Aps { aps: &payload.aps, thread_id: push.room }, data: &payload.data };
 
         let options = payload.get_options();
         let mut builder =

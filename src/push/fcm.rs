@@ -13,7 +13,7 @@ use fcm_v1::{
     message::{Message, Notification},
     webpush::WebpushConfig,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{Attempt, Outcome, Push, retry_after};
@@ -26,8 +26,8 @@ const BAD_REQUEST: &str = "type.googleapis.com/google.rpc.BadRequest";
 /// Sends to FCM v1.
 pub struct FcmSender {
     client: reqwest::Client,
-    /// `{base}/v1/projects/{project}/messages:send`.
-    url: String,
+    /// `{base}/v1/projects/{project}/messages:send`, parsed once.
+    url: reqwest::Url,
     auth: Authenticator,
     /// One token request at a time: yup-oauth2 caches the token but does not
     /// merge concurrent requests, so a burst would fetch one per push.
@@ -63,7 +63,7 @@ impl FcmSender {
         let base = s.fcm_url.as_str().trim_end_matches('/');
         Ok(Some(Self {
             client,
-            url: format!("{base}/v1/projects/{project}/messages:send"),
+            url: format!("{base}/v1/projects/{project}/messages:send").parse().context("the FCM URL")?,
             auth,
             token_fetch: Default::default(),
         }))
@@ -81,8 +81,8 @@ impl FcmSender {
         let Some(token) = token.token() else {
             return Attempt::Retry { reason: "fcm oauth: no access token".into(), after: None };
         };
-        let body = json!({ "message": message(push) });
-        let response = match self.client.post(&self.url).bearer_auth(token).json(&body).send().await {
+        let body = SendRequest { message: &message(push) };
+        let response = match self.client.post(self.url.clone()).bearer_auth(token).json(&body).send().await {
             Ok(r) => r,
             Err(e) => return Attempt::Retry { reason: format!("fcm: {e}"), after: None },
         };
@@ -91,6 +91,13 @@ impl FcmSender {
         let body = response.bytes().await.unwrap_or_default();
         classify(status, after, &body)
     }
+}
+
+/// The body of `messages:send`, written straight from the message (not
+/// through a `serde_json::Value`).
+#[derive(Serialize)]
+struct SendRequest<'a> {
+    message: &'a Message,
 }
 
 /// The FCM message for one push: a notification with the room as collapse key,
