@@ -337,7 +337,7 @@ pub struct ApnsSettings {
 /// Firebase Cloud Messaging HTTP v1 (service account).
 #[derive(Debug, Clone, Args)]
 pub struct FcmSettings {
-    /// FCM base URL (`https://fcm.googleapis.com`, or an emulator / relay).
+    /// FCM base URL: `https://` for Google (h2 by ALPN), `http://` (HTTP/2 prior knowledge) for emulators and relays.
     #[arg(long, env = "NATTER_FCM_URL", default_value = "https://fcm.googleapis.com")]
     pub fcm_url: url::Url,
     /// Path of the service-account JSON; its `token_uri` is the OAuth endpoint. FCM is off without it.
