@@ -54,7 +54,11 @@ impl FcmSender {
         let auth = Authenticator::service_account::<&str>(key)
             .await
             .map_err(|e| anyhow::anyhow!("NATTER_FCM_CREDENTIALS: {} is not usable: {e}", path.display()))?;
-        let builder = reqwest::Client::builder().use_rustls_tls().connect_timeout(timeout).pool_max_idle_per_host(1024);
+        let builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(timeout)
+            .pool_max_idle_per_host(1024)
+            .redirect(reqwest::redirect::Policy::none());
         // Cleartext HTTP/2 (emulators, relays), as https negotiates h2 with Google by ALPN.
         let builder = if s.fcm_url.scheme() == "http" { builder.http2_prior_knowledge() } else { builder };
         let client = builder.build().context("building the FCM client")?;
