@@ -221,8 +221,8 @@ fn classify(status: u16, after: Option<Duration>, parsed: Option<ErrorReason>, r
     }
 }
 
-/// `{base}/3/device/{token}`, without parsing the base again (parsing a
-/// URL string per push was a tenth of the notifier's CPU).
+/// `{base}/3/device/{token}`, without parsing the base again (a URL string
+/// parsed per push, host and all, showed as ~6 % of the notifier's samples).
 fn device_url(base: &reqwest::Url, token: &str) -> anyhow::Result<reqwest::Url> {
     let mut url = base.clone();
     url.path_segments_mut()
