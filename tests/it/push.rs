@@ -97,6 +97,7 @@ async fn apns_push_arrives_over_http2_with_apple_headers() {
     assert_eq!(requests.len(), 1, "{requests:?}");
     let r = &requests[0];
     assert_eq!((r.provider, r.token.as_str(), r.status), (Provider::Apns, "a0b1c2d3e4f5", 200));
+    assert_eq!(r.version, "HTTP/2.0");
     let h = |name: &str| r.headers.get(name).map(String::as_str);
     assert_eq!(h("apns-topic"), Some("dev.natter.app"));
     assert_eq!(h("apns-push-type"), Some("alert"));
@@ -156,6 +157,8 @@ async fn fcm_push_arrives_after_the_oauth_flow() {
     let r = &requests[0];
     assert_eq!((r.provider, r.token.as_str(), r.status), (Provider::Fcm, "fcm-token:abc_123", 200));
     assert!(r.headers["authorization"].starts_with("Bearer ya29."), "{:?}", r.headers);
+    // Google negotiates h2 by ALPN; against a cleartext URL the sender speaks h2 too.
+    assert_eq!(r.version, "HTTP/2.0");
     let m = &r.body["message"];
     assert_eq!(m["token"], "fcm-token:abc_123");
     assert_eq!(m["notification"], json!({ "title": "alice", "body": "hello there" }));

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use axum::{
     Json,
     extract::{Query, State},
-    http::{HeaderMap, StatusCode},
+    http::{HeaderMap, StatusCode, Version},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -42,6 +42,9 @@ pub struct Recorded {
     pub token: String,
     /// The status answered.
     pub status: u16,
+    /// The HTTP version the request came over (`HTTP/2.0`, `HTTP/1.1`).
+    #[serde(default)]
+    pub version: String,
     /// Request headers, lower-case names.
     pub headers: BTreeMap<String, String>,
     /// The JSON body (a string if it was not JSON).
@@ -100,7 +103,15 @@ impl Shared {
         }
     }
 
-    pub(super) fn record(&self, provider: Provider, token: &str, status: StatusCode, headers: &HeaderMap, body: &[u8]) {
+    pub(super) fn record(
+        &self,
+        provider: Provider,
+        token: &str,
+        status: StatusCode,
+        version: Version,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) {
         let headers = headers
             .iter()
             .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
@@ -110,8 +121,15 @@ impl Shared {
             Err(_) if body.is_empty() => Value::Null,
             Err(_) => Value::String(String::from_utf8_lossy(body).into_owned()),
         };
-        let record =
-            Recorded { provider, token: token.to_owned(), status: status.as_u16(), headers, body, at_ms: now_ms() };
+        let record = Recorded {
+            provider,
+            token: token.to_owned(),
+            status: status.as_u16(),
+            version: format!("{version:?}"),
+            headers,
+            body,
+            at_ms: now_ms(),
+        };
         let mut state = self.state.lock();
         let counts = match provider {
             Provider::Apns => &mut state.stats.apns,

@@ -13,7 +13,7 @@ use axum::{
     Json,
     body::Bytes,
     extract::{Path, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, StatusCode, Version, header},
     response::{IntoResponse, Response},
 };
 use jsonwebtoken::{Algorithm, Validation};
@@ -70,6 +70,7 @@ pub(super) async fn oauth_token(State(s): State<Arc<Shared>>, body: Bytes) -> Re
 pub(super) async fn fcm_send(
     State(s): State<Arc<Shared>>,
     Path(project): Path<String>,
+    version: Version,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -79,7 +80,7 @@ pub(super) async fn fcm_send(
     let (verdict, delay) = s.apply_fault(&token, verdict);
     s.wait(delay).await;
     let status = verdict.as_ref().map_or_else(|r| r.status, |_| StatusCode::OK);
-    s.record(Provider::Fcm, &token, status, &headers, &body);
+    s.record(Provider::Fcm, &token, status, version, &headers, &body);
     match verdict {
         Ok(n) => Json(json!({ "name": format!("projects/{project}/messages/{n}") })).into_response(),
         Err(refusal) => {
