@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
     Json,
+    body::Bytes,
     extract::{Query, State},
     http::{HeaderMap, StatusCode, Version},
 };
@@ -33,6 +34,43 @@ pub struct Fault {
     /// Extra latency of the answer.
     #[serde(default)]
     pub delay_ms: Option<u64>,
+}
+
+/// A push request as it arrived, kept until asked for: it is parsed into a
+/// [`Recorded`] only then, so a benchmark's hundred thousand pushes cost the
+/// emulator no JSON trees it never shows.
+pub(super) struct Raw {
+    provider: Provider,
+    token: String,
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+    at_ms: u64,
+}
+
+impl Raw {
+    pub(super) fn recorded(&self) -> Recorded {
+        let headers = self
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+            .collect();
+        let body = match serde_json::from_slice(&self.body) {
+            Ok(v) => v,
+            Err(_) if self.body.is_empty() => Value::Null,
+            Err(_) => Value::String(String::from_utf8_lossy(&self.body).into_owned()),
+        };
+        Recorded {
+            provider: self.provider,
+            token: self.token.clone(),
+            status: self.status.as_u16(),
+            version: format!("{:?}", self.version),
+            headers,
+            body,
+            at_ms: self.at_ms,
+        }
+    }
 }
 
 /// One push request as the emulator saw it.
@@ -112,22 +150,13 @@ impl Shared {
         headers: &HeaderMap,
         body: &[u8],
     ) {
-        let headers = headers
-            .iter()
-            .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
-            .collect();
-        let body = match serde_json::from_slice(body) {
-            Ok(v) => v,
-            Err(_) if body.is_empty() => Value::Null,
-            Err(_) => Value::String(String::from_utf8_lossy(body).into_owned()),
-        };
-        let record = Recorded {
+        let record = Raw {
             provider,
             token: token.to_owned(),
-            status: status.as_u16(),
-            version: format!("{version:?}"),
-            headers,
-            body,
+            status,
+            version,
+            headers: headers.clone(),
+            body: Bytes::copy_from_slice(body),
             at_ms: now_ms(),
         };
         let mut state = self.state.lock();
@@ -177,10 +206,10 @@ pub(super) async fn list_requests(
     Query(filter): Query<RequestFilter>,
 ) -> Json<Vec<Recorded>> {
     let state = s.state.lock();
-    let matches = |r: &&Recorded| {
+    let matches = |r: &&Raw| {
         filter.token.as_ref().is_none_or(|t| *t == r.token) && filter.provider.is_none_or(|p| p == r.provider)
     };
-    Json(state.records.iter().filter(matches).cloned().collect())
+    Json(state.records.iter().filter(matches).map(Raw::recorded).collect())
 }
 
 pub(super) async fn clear_requests(State(s): State<Arc<Shared>>) -> StatusCode {

@@ -88,7 +88,7 @@ struct Shared {
 #[derive(Default)]
 struct EmulatorState {
     faults: HashMap<String, Fault>,
-    records: VecDeque<Recorded>,
+    records: VecDeque<control::Raw>,
     stats: Stats,
     /// Access tokens issued by `/token` → expiry.
     access_tokens: HashMap<String, Instant>,
@@ -183,7 +183,7 @@ impl RunningEmulator {
 
     /// The recorded push requests, oldest first.
     pub fn requests(&self) -> Vec<Recorded> {
-        self.shared.state.lock().records.iter().cloned().collect()
+        self.shared.state.lock().records.iter().map(control::Raw::recorded).collect()
     }
 
     pub fn stats(&self) -> Stats {
