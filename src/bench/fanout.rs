@@ -156,35 +156,24 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Fan
     let senders = Arc::new(tokio::sync::Mutex::new(senders));
 
     let pad = "x".repeat(a.body_bytes.saturating_sub(24));
+    let driver = Driver { servers, senders, recorders, clock, pad, members: a.members };
     let mut steps: Vec<Step> = Vec::new();
     let mut rates = Rates::new(&a);
+    let limit_ms = a.p99_limit.as_secs_f64() * 1000.0;
     // Step 0 is the warm-up at the first rate, never measured.
     let mut next = Some(a.rate);
     let mut step = 0u16;
     while let Some(rate) = next {
         let duration = if step == 0 { a.warmup } else { a.duration };
         if !duration.is_zero() {
-            servers.reset_peaks();
-            let before = servers.snapshot();
-            let started = Instant::now();
-            let sent = send_step(&senders, step, rate, duration, clock, &pad).await?;
-            let seconds = started.elapsed().as_secs_f64();
-            let expected = sent * a.members as u64;
-            let samples = drain(&recorders, step, expected).await;
-            let after = servers.snapshot();
+            let s = driver.step(step, rate, duration).await?;
             if step > 0 {
-                let delivered = samples.len() as u64;
-                let mut lat: Vec<Duration> = samples.into_iter().map(|us| Duration::from_micros(us as u64)).collect();
-                let latencies = percentiles(&mut lat);
-                let p99_ms = latencies["p99_ms"].as_f64().unwrap_or(f64::MAX);
-                let cpu = servers.report(&before, &after);
-                let server_cpu_s = cpu["server_cpu_s"].as_f64().unwrap_or(0.0);
                 eprintln!(
-                    "fanout step {step}: {rate:.0} msg/s, delivered {delivered}/{expected}, p99 {p99_ms} ms, server CPU {server_cpu_s} s"
+                    "fanout step {step}: {rate:.0} msg/s, delivered {}/{}, p99 {} ms, server CPU {} s",
+                    s.delivered, s.expected, s.p99_ms, s.server_cpu_s
                 );
-                let held = delivered == expected && p99_ms <= a.p99_limit.as_secs_f64() * 1000.0;
-                rates.record(rate, held);
-                steps.push(Step { rate, sent, expected, delivered, seconds, latencies, p99_ms, cpu, server_cpu_s });
+                rates.record(rate, s.held(limit_ms));
+                steps.push(s);
             }
         }
         next = rates.next();
@@ -205,7 +194,6 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Fan
         "send_errors": c.send_errors.load(Relaxed),
         "closed_receivers": c.closed.load(Relaxed),
     });
-    let limit_ms = a.p99_limit.as_secs_f64() * 1000.0;
     let summary = |s: &Step| {
         let mut v = json!({
             "rate": round(s.rate),
@@ -221,10 +209,7 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Fan
         v
     };
     if a.saturate {
-        let best = steps
-            .iter()
-            .filter(|s| s.delivered == s.expected && s.p99_ms <= limit_ms)
-            .max_by(|x, y| x.rate.total_cmp(&y.rate));
+        let best = steps.iter().filter(|s| s.held(limit_ms)).max_by(|x, y| x.rate.total_cmp(&y.rate));
         extend(
             &mut out,
             json!({
@@ -238,6 +223,44 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Fan
         extend(&mut out, summary(s));
     }
     Ok(out)
+}
+
+impl Step {
+    /// Everything delivered, with p99 within the bound.
+    fn held(&self, limit_ms: f64) -> bool {
+        self.delivered == self.expected && self.p99_ms <= limit_ms
+    }
+}
+
+/// What every step of a run drives and reads.
+struct Driver<'a> {
+    servers: &'a Servers,
+    senders: Arc<tokio::sync::Mutex<Vec<(super::WsTx, String)>>>,
+    recorders: Vec<Arc<Recorder>>,
+    clock: Instant,
+    pad: String,
+    members: usize,
+}
+
+impl Driver<'_> {
+    /// One step at `rate` for `duration`, drained, with the servers' CPU over it.
+    async fn step(&self, step: u16, rate: f64, duration: Duration) -> anyhow::Result<Step> {
+        self.servers.reset_peaks();
+        let before = self.servers.snapshot();
+        let started = Instant::now();
+        let sent = send_step(&self.senders, step, rate, duration, self.clock, &self.pad).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let expected = sent * self.members as u64;
+        let samples = drain(&self.recorders, step, expected).await;
+        let after = self.servers.snapshot();
+        let delivered = samples.len() as u64;
+        let mut lat: Vec<Duration> = samples.into_iter().map(|us| Duration::from_micros(us as u64)).collect();
+        let latencies = percentiles(&mut lat);
+        let p99_ms = latencies["p99_ms"].as_f64().unwrap_or(f64::MAX);
+        let cpu = self.servers.report(&before, &after);
+        let server_cpu_s = cpu["server_cpu_s"].as_f64().unwrap_or(0.0);
+        Ok(Step { rate, sent, expected, delivered, seconds, latencies, p99_ms, cpu, server_cpu_s })
+    }
 }
 
 /// The rates of the measured steps: one without `--saturate`; with it, rising
@@ -281,9 +304,11 @@ impl Rates {
     }
 
     fn record(&mut self, rate: f64, held: bool) {
-        let (slot, keep): (_, fn(f64, f64) -> f64) =
-            if held { (&mut self.held, f64::max) } else { (&mut self.failed, f64::min) };
-        *slot = Some(slot.map_or(rate, |r| keep(r, rate)));
+        if held {
+            self.held = Some(self.held.map_or(rate, |h| h.max(rate)));
+        } else {
+            self.failed = Some(self.failed.map_or(rate, |f| f.min(rate)));
+        }
     }
 }
 

@@ -66,18 +66,9 @@ impl ApnsSender {
         let pem = std::fs::read(path).with_context(|| format!("NATTER_APNS_KEY: reading {}", path.display()))?;
         let key = EncodingKey::from_ec_pem(&pem)
             .with_context(|| format!("NATTER_APNS_KEY: {} is not a PKCS#8 P-256 key", path.display()))?;
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .connect_timeout(timeout)
+        let builder = super::client_builder(&s.apns_url, "NATTER_APNS_URL", timeout)?
             .http2_keep_alive_interval(Duration::from_secs(60))
-            .http2_keep_alive_while_idle(true)
-            .redirect(reqwest::redirect::Policy::none());
-        builder = match s.apns_url.scheme() {
-            // Cleartext HTTP/2 (emulators, relays); https negotiates h2 by ALPN.
-            "http" => builder.http2_prior_knowledge(),
-            "https" => builder,
-            other => anyhow::bail!("NATTER_APNS_URL: scheme {other:?} is not http or https"),
-        };
+            .http2_keep_alive_while_idle(true);
         let sender = Self {
             client: builder.build().context("building the APNS client")?,
             base: s.apns_url.clone(),

@@ -48,19 +48,10 @@ impl FcmSender {
             .clone()
             .or_else(|| key.project_id.clone())
             .with_context(|| format!("NATTER_FCM_PROJECT is required: {} has no project_id", path.display()))?;
-        if !matches!(s.fcm_url.scheme(), "http" | "https") {
-            anyhow::bail!("NATTER_FCM_URL: scheme {:?} is not http or https", s.fcm_url.scheme());
-        }
+        let builder = super::client_builder(&s.fcm_url, "NATTER_FCM_URL", timeout)?.pool_max_idle_per_host(1024);
         let auth = Authenticator::service_account::<&str>(key)
             .await
             .map_err(|e| anyhow::anyhow!("NATTER_FCM_CREDENTIALS: {} is not usable: {e}", path.display()))?;
-        let builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .connect_timeout(timeout)
-            .pool_max_idle_per_host(1024)
-            .redirect(reqwest::redirect::Policy::none());
-        // Cleartext HTTP/2 (emulators, relays), as https negotiates h2 with Google by ALPN.
-        let builder = if s.fcm_url.scheme() == "http" { builder.http2_prior_knowledge() } else { builder };
         let client = builder.build().context("building the FCM client")?;
         let base = s.fcm_url.as_str().trim_end_matches('/');
         Ok(Some(Self {

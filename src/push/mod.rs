@@ -205,3 +205,24 @@ impl Pushers {
         }
     }
 }
+
+/// The HTTP client both senders start from: rustls, the connect timeout, no
+/// redirects (a push POST must not be replayed elsewhere), and HTTP/2 either
+/// way: negotiated by ALPN for `https`, with prior knowledge for a cleartext
+/// `http` URL (emulators, relays). `setting` names the URL's variable in the
+/// error for any other scheme.
+fn client_builder(
+    url: &url::Url,
+    setting: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<reqwest::ClientBuilder> {
+    let builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .connect_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none());
+    match url.scheme() {
+        "http" => Ok(builder.http2_prior_knowledge()),
+        "https" => Ok(builder),
+        other => anyhow::bail!("{setting}: scheme {other:?} is not http or https"),
+    }
+}

@@ -32,7 +32,7 @@ pub(super) async fn apns_push(
     let (verdict, delay) = s.apply_fault(&token, verdict);
     s.wait(delay).await;
     let status = verdict.as_ref().map_or_else(|r| r.status, |()| StatusCode::OK);
-    s.record(Provider::Apns, &token, status, version, &headers, &body);
+    s.record(Provider::Apns, &token, status, version, &headers, body.clone());
     let apns_id = match headers.get("apns-id") {
         Some(id) => id.clone(),
         None => HeaderValue::try_from(uuid::Uuid::new_v4().to_string()).expect("a uuid is a header value"),

@@ -148,17 +148,10 @@ impl Shared {
         status: StatusCode,
         version: Version,
         headers: &HeaderMap,
-        body: &[u8],
+        body: Bytes,
     ) {
-        let record = Raw {
-            provider,
-            token: token.to_owned(),
-            status,
-            version,
-            headers: headers.clone(),
-            body: Bytes::copy_from_slice(body),
-            at_ms: now_ms(),
-        };
+        let record =
+            Raw { provider, token: token.to_owned(), status, version, headers: headers.clone(), body, at_ms: now_ms() };
         let mut state = self.state.lock();
         let counts = match provider {
             Provider::Apns => &mut state.stats.apns,

@@ -80,7 +80,7 @@ pub(super) async fn fcm_send(
     let (verdict, delay) = s.apply_fault(&token, verdict);
     s.wait(delay).await;
     let status = verdict.as_ref().map_or_else(|r| r.status, |_| StatusCode::OK);
-    s.record(Provider::Fcm, &token, status, version, &headers, &body);
+    s.record(Provider::Fcm, &token, status, version, &headers, body.clone());
     match verdict {
         Ok(n) => Json(json!({ "name": format!("projects/{project}/messages/{n}") })).into_response(),
         Err(refusal) => {
