@@ -71,9 +71,20 @@ pub struct FanoutArgs {
 /// One receiver's findings, drained by the driver after each step.
 #[derive(Default)]
 struct Recorder {
-    /// (step, latency in µs) per delivery.
-    samples: Mutex<Vec<(u16, u32)>>,
+    samples: Mutex<Vec<Sample>>,
 }
+
+/// One delivery: its step, when it was sent (ms on the run's clock) and its
+/// latency (µs).
+#[derive(Clone, Copy)]
+struct Sample {
+    step: u16,
+    sent_ms: u32,
+    us: u32,
+}
+
+/// The width of the windows the tail is located in.
+const WINDOW_MS: u32 = 100;
 
 #[derive(Default)]
 struct Counters {
@@ -91,6 +102,7 @@ struct Step {
     delivered: u64,
     seconds: f64,
     latencies: Value,
+    windows: Value,
     p99_ms: f64,
     cpu: Value,
     server_cpu_s: f64,
@@ -206,6 +218,7 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Fan
             "cpu": s.cpu,
         });
         extend(&mut v, s.latencies.clone());
+        extend(&mut v, s.windows.clone());
         v
     };
     if a.saturate {
@@ -254,12 +267,13 @@ impl Driver<'_> {
         let samples = drain(&self.recorders, step, expected).await;
         let after = self.servers.snapshot();
         let delivered = samples.len() as u64;
-        let mut lat: Vec<Duration> = samples.into_iter().map(|us| Duration::from_micros(us as u64)).collect();
+        let windows = windows(&samples, WINDOW_MS);
+        let mut lat: Vec<Duration> = samples.iter().map(|s| Duration::from_micros(s.us as u64)).collect();
         let latencies = percentiles(&mut lat);
         let p99_ms = latencies["p99_ms"].as_f64().unwrap_or(f64::MAX);
         let cpu = self.servers.report(&before, &after);
         let server_cpu_s = cpu["server_cpu_s"].as_f64().unwrap_or(0.0);
-        Ok(Step { rate, sent, expected, delivered, seconds, latencies, p99_ms, cpu, server_cpu_s })
+        Ok(Step { rate, sent, expected, delivered, seconds, latencies, windows, p99_ms, cpu, server_cpu_s })
     }
 }
 
@@ -346,11 +360,10 @@ async fn send_step(
 }
 
 /// Waits until the step's deliveries are all in (or 5 s without progress),
-/// then takes its latency samples (µs) out of every recorder.
-async fn drain(recorders: &[Arc<Recorder>], step: u16, expected: u64) -> Vec<u32> {
-    let count = || -> u64 {
-        recorders.iter().map(|r| r.samples.lock().iter().filter(|(s, _)| *s == step).count() as u64).sum()
-    };
+/// then takes its samples out of every recorder.
+async fn drain(recorders: &[Arc<Recorder>], step: u16, expected: u64) -> Vec<Sample> {
+    let count =
+        || -> u64 { recorders.iter().map(|r| r.samples.lock().iter().filter(|s| s.step == step).count() as u64).sum() };
     let mut last = 0;
     let mut quiet_since = Instant::now();
     loop {
@@ -367,8 +380,8 @@ async fn drain(recorders: &[Arc<Recorder>], step: u16, expected: u64) -> Vec<u32
     let mut out = Vec::new();
     for r in recorders {
         let mut s = r.samples.lock();
-        out.extend(s.iter().filter(|(st, _)| *st == step).map(|(_, us)| *us));
-        s.retain(|(st, _)| *st > step);
+        out.extend(s.iter().filter(|s| s.step == step));
+        s.retain(|s| s.step > step);
     }
     out
 }
@@ -416,9 +429,45 @@ async fn receive(mut ws: Ws, rec: Arc<Recorder>, counters: Arc<Counters>, clock:
             continue;
         };
         let us = (now.saturating_sub(sent) / 1000).min(u32::MAX as u128) as u32;
-        rec.samples.lock().push((step, us));
+        let sent_ms = (sent / 1_000_000).min(u32::MAX as u128) as u32;
+        rec.samples.lock().push(Sample { step, sent_ms, us });
     }
     counters.closed.fetch_add(1, Relaxed);
+}
+
+/// Where in time the tail is: the step cut by send time into windows of
+/// `width_ms`, each window's p99, and the three worst windows (offset from
+/// the step's first send, p99 and max). A tail spread over every window is
+/// queueing at that rate; one in a few windows is a pause.
+fn windows(samples: &[Sample], width_ms: u32) -> Value {
+    let Some(start) = samples.iter().map(|s| s.sent_ms).min() else {
+        return json!({});
+    };
+    let mut by_window: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+    for s in samples {
+        by_window.entry((s.sent_ms - start) / width_ms).or_default().push(s.us);
+    }
+    let mut rows: Vec<(u32, f64, f64)> = by_window
+        .into_iter()
+        .map(|(w, mut us)| {
+            us.sort_unstable();
+            let p99 = us[((us.len() - 1) as f64 * 0.99).round() as usize];
+            (w * width_ms, p99 as f64 / 1000.0, us[us.len() - 1] as f64 / 1000.0)
+        })
+        .collect();
+    let mut p99s: Vec<f64> = rows.iter().map(|r| r.1).collect();
+    p99s.sort_unstable_by(f64::total_cmp);
+    let median_p99 = p99s[p99s.len() / 2];
+    rows.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+    json!({
+        "window_ms": width_ms,
+        "windows": p99s.len(),
+        "window_p99_median_ms": round(median_p99),
+        "windows_p99_over_10ms": p99s.iter().filter(|&&p| p > 10.0).count(),
+        "worst_windows": rows.iter().take(3).map(|&(at, p99, max)| json!({
+            "at_ms": at, "p99_ms": round(p99), "max_ms": round(max),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 async fn read_acks(mut rx: futures::stream::SplitStream<Ws>, counters: Arc<Counters>) {
@@ -454,6 +503,22 @@ mod tests {
             out.push((r * 10.0).round() / 10.0);
         }
         out
+    }
+
+    #[test]
+    fn windows_locate_a_pause_among_quiet_windows() {
+        // 1 s of sends, one per ms at 1 ms latency, except 40 ms from 300 ms on at 30 ms.
+        let samples: Vec<Sample> = (0..1000u32)
+            .map(|t| Sample { step: 1, sent_ms: 5000 + t, us: if (300..340).contains(&t) { 30_000 } else { 1000 } })
+            .collect();
+        let w = windows(&samples, 100);
+        assert_eq!(w["windows"], 10);
+        assert_eq!(w["window_p99_median_ms"], 1.0);
+        assert_eq!(w["windows_p99_over_10ms"], 1);
+        assert_eq!(w["worst_windows"][0]["at_ms"], 300);
+        assert_eq!(w["worst_windows"][0]["max_ms"], 30.0);
+        assert_eq!(w["worst_windows"][1]["p99_ms"], 1.0);
+        assert_eq!(windows(&[], 100), json!({}));
     }
 
     #[test]
