@@ -124,6 +124,7 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Fan
 
     // Receivers: member m of room r on gateway (r + m) % G.
     let clock = Instant::now();
+    let clock_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
     let counters = Arc::new(Counters::default());
     let t = Instant::now();
     let plan: Vec<(String, String, String)> = rooms
@@ -168,7 +169,7 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Fan
     let senders = Arc::new(tokio::sync::Mutex::new(senders));
 
     let pad = "x".repeat(a.body_bytes.saturating_sub(24));
-    let driver = Driver { servers, senders, recorders, clock, pad, members: a.members };
+    let driver = Driver { servers, senders, recorders, clock, clock_unix_ms, pad, members: a.members };
     let mut steps: Vec<Step> = Vec::new();
     let mut rates = Rates::new(&a);
     let limit_ms = a.p99_limit.as_secs_f64() * 1000.0;
@@ -251,6 +252,9 @@ struct Driver<'a> {
     senders: Arc<tokio::sync::Mutex<Vec<(super::WsTx, String)>>>,
     recorders: Vec<Arc<Recorder>>,
     clock: Instant,
+    /// `clock`'s start in ms since the Unix epoch, to line the worst windows
+    /// up with other records (the servers' logs, a CPU sampler).
+    clock_unix_ms: u64,
     pad: String,
     members: usize,
 }
@@ -267,7 +271,7 @@ impl Driver<'_> {
         let samples = drain(&self.recorders, step, expected).await;
         let after = self.servers.snapshot();
         let delivered = samples.len() as u64;
-        let windows = windows(&samples, WINDOW_MS);
+        let windows = windows(&samples, WINDOW_MS, self.clock_unix_ms);
         let mut lat: Vec<Duration> = samples.iter().map(|s| Duration::from_micros(s.us as u64)).collect();
         let latencies = percentiles(&mut lat);
         let p99_ms = latencies["p99_ms"].as_f64().unwrap_or(f64::MAX);
@@ -437,9 +441,9 @@ async fn receive(mut ws: Ws, rec: Arc<Recorder>, counters: Arc<Counters>, clock:
 
 /// Where in time the tail is: the step cut by send time into windows of
 /// `width_ms`, each window's p99, and the three worst windows (offset from
-/// the step's first send, p99 and max). A tail spread over every window is
-/// queueing at that rate; one in a few windows is a pause.
-fn windows(samples: &[Sample], width_ms: u32) -> Value {
+/// the step's first send, wall clock, p99 and max). A tail spread over every
+/// window is queueing at that rate; one in a few windows is a pause.
+fn windows(samples: &[Sample], width_ms: u32, clock_unix_ms: u64) -> Value {
     let Some(start) = samples.iter().map(|s| s.sent_ms).min() else {
         return json!({});
     };
@@ -465,7 +469,7 @@ fn windows(samples: &[Sample], width_ms: u32) -> Value {
         "window_p99_median_ms": round(median_p99),
         "windows_p99_over_10ms": p99s.iter().filter(|&&p| p > 10.0).count(),
         "worst_windows": rows.iter().take(3).map(|&(at, p99, max)| json!({
-            "at_ms": at, "p99_ms": round(p99), "max_ms": round(max),
+            "at_ms": at, "unix_ms": clock_unix_ms + (start + at) as u64, "p99_ms": round(p99), "max_ms": round(max),
         })).collect::<Vec<_>>(),
     })
 }
@@ -511,14 +515,15 @@ mod tests {
         let samples: Vec<Sample> = (0..1000u32)
             .map(|t| Sample { step: 1, sent_ms: 5000 + t, us: if (300..340).contains(&t) { 30_000 } else { 1000 } })
             .collect();
-        let w = windows(&samples, 100);
+        let w = windows(&samples, 100, 1_000_000);
         assert_eq!(w["windows"], 10);
         assert_eq!(w["window_p99_median_ms"], 1.0);
         assert_eq!(w["windows_p99_over_10ms"], 1);
         assert_eq!(w["worst_windows"][0]["at_ms"], 300);
+        assert_eq!(w["worst_windows"][0]["unix_ms"], 1_005_300);
         assert_eq!(w["worst_windows"][0]["max_ms"], 30.0);
         assert_eq!(w["worst_windows"][1]["p99_ms"], 1.0);
-        assert_eq!(windows(&[], 100), json!({}));
+        assert_eq!(windows(&[], 100, 0), json!({}));
     }
 
     #[test]
