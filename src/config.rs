@@ -139,9 +139,16 @@ pub struct NatsSettings {
     /// How long the CHAT stream keeps messages (older ones live in the archive).
     #[arg(long, env = "NATTER_STREAM_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
     pub stream_max_age: Duration,
-    /// How many messages per room the CHAT stream keeps.
+    /// How many messages per room the CHAT stream keeps once the archiver
+    /// and the notifier have read them (the archiver trims to it; -1: no trim).
     #[arg(long, env = "NATTER_STREAM_MAX_PER_ROOM", default_value_t = 10_000)]
     pub stream_max_per_room: i64,
+    /// The most messages per room the CHAT stream holds at all, read or not:
+    /// while the archiver or the notifier is behind, a room grows past
+    /// NATTER_STREAM_MAX_PER_ROOM up to this; beyond it the oldest go (-1: no
+    /// limit but NATTER_STREAM_MAX_AGE).
+    #[arg(long, env = "NATTER_STREAM_HARD_MAX_PER_ROOM", default_value_t = 100_000)]
+    pub stream_hard_max_per_room: i64,
 }
 
 #[derive(Debug, Clone, Args)]

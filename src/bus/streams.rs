@@ -14,6 +14,21 @@ use crate::config::NatsSettings;
 /// How long a `Nats-Msg-Id` is remembered for dedupe.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
+/// The window the archiver trims a room to must fit under the stream's
+/// hard limit per room (-1 is no limit).
+fn check_room_limits(s: &NatsSettings) -> anyhow::Result<()> {
+    let (window, hard) = (s.stream_max_per_room, s.stream_hard_max_per_room);
+    anyhow::ensure!(
+        (window == -1 || window > 0) && (hard == -1 || hard > 0),
+        "NATTER_STREAM_MAX_PER_ROOM and NATTER_STREAM_HARD_MAX_PER_ROOM must be positive or -1 (no limit)"
+    );
+    anyhow::ensure!(
+        hard == -1 || (window != -1 && window <= hard),
+        "NATTER_STREAM_HARD_MAX_PER_ROOM ({hard}) must be at least NATTER_STREAM_MAX_PER_ROOM ({window})"
+    );
+    Ok(())
+}
+
 pub fn chat_config(s: &NatsSettings) -> Config {
     Config {
         name: CHAT_STREAM.to_owned(),
@@ -22,7 +37,7 @@ pub fn chat_config(s: &NatsSettings) -> Config {
         storage: StorageType::File,
         num_replicas: s.stream_replicas.max(1),
         duplicate_window: DUPLICATE_WINDOW,
-        max_messages_per_subject: s.stream_max_per_room,
+        max_messages_per_subject: s.stream_hard_max_per_room,
         max_age: s.stream_max_age,
         discard: DiscardPolicy::Old,
         allow_direct: true,
@@ -37,6 +52,7 @@ pub fn chat_config(s: &NatsSettings) -> Config {
 
 /// Makes the CHAT stream exist with our settings, and returns its handle.
 pub async fn ensure_chat(js: &jetstream::Context, s: &NatsSettings) -> anyhow::Result<jetstream::stream::Stream> {
+    check_room_limits(s)?;
     super::setup(js, |js| {
         let config = chat_config(s);
         async move { js.create_or_update_stream(config).await }
@@ -44,4 +60,35 @@ pub async fn ensure_chat(js: &jetstream::Context, s: &NatsSettings) -> anyhow::R
     .await
     .context("cannot create or update the CHAT stream (is JetStream enabled?)")?;
     js.get_stream(CHAT_STREAM).await.context("cannot open the CHAT stream")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(window: i64, hard: i64) -> anyhow::Result<()> {
+        let s = NatsSettings {
+            nats_url: String::new(),
+            nats_user: None,
+            nats_password: None,
+            stream_replicas: 1,
+            stream_max_age: Duration::from_secs(60),
+            stream_max_per_room: window,
+            stream_hard_max_per_room: hard,
+        };
+        check_room_limits(&s)
+    }
+
+    #[test]
+    fn the_window_per_room_must_fit_under_the_hard_limit() {
+        assert!(limits(10_000, 100_000).is_ok());
+        assert!(limits(100, 100).is_ok());
+        assert!(limits(100, -1).is_ok(), "no hard limit");
+        assert!(limits(-1, -1).is_ok(), "neither");
+        let e = limits(1_000, 100).unwrap_err().to_string();
+        assert!(e.contains("NATTER_STREAM_HARD_MAX_PER_ROOM (100)"), "{e}");
+        assert!(limits(-1, 100).is_err(), "no trim but a hard limit would discard unread messages");
+        assert!(limits(0, 100).is_err());
+        assert!(limits(10, 0).is_err());
+    }
 }

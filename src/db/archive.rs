@@ -60,6 +60,18 @@ struct Row {
     attachment: Option<String>,
 }
 
+/// The seq of a room's `n`-th newest archived message (`n` from 1), if the
+/// archive holds that many of the room.
+pub async fn nth_newest_seq(pool: &PgPool, room: &str, n: u64) -> sqlx::Result<Option<u64>> {
+    let seq: Option<i64> =
+        sqlx::query_scalar("SELECT seq FROM messages WHERE room_id = $1 ORDER BY seq DESC OFFSET $2 LIMIT 1")
+            .bind(room)
+            .bind(i64::try_from(n.saturating_sub(1)).unwrap_or(i64::MAX))
+            .fetch_optional(pool)
+            .await?;
+    Ok(seq.map(|s| s as u64))
+}
+
 /// Up to `limit` archived messages of a room below `before`, newest first.
 pub async fn newest_before(pool: &PgPool, room: &str, before: u64, limit: usize) -> sqlx::Result<Vec<MessageView>> {
     let rows: Vec<Row> = sqlx::query_as(

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub dead_letters: Family<ConsumerLabels, Counter>,
     /// Messages not yet delivered to each consumer.
     pub consumer_lag: Family<ConsumerLabels, Gauge>,
+    /// Messages the archiver removed from the CHAT stream, beyond a room's window.
+    pub trimmed: Counter,
 }
 
 impl Metrics {
@@ -42,6 +44,11 @@ impl Metrics {
         r.register("archived_messages", "Messages copied into the archive", self.archived.clone());
         r.register("dead_letters", "Messages given up on", self.dead_letters.clone());
         r.register("consumer_lag", "Messages pending for a consumer", self.consumer_lag.clone());
+        r.register(
+            "stream_trimmed_messages",
+            "Messages trimmed from the CHAT stream beyond a room's window",
+            self.trimmed.clone(),
+        );
         r
     }
 

@@ -4,11 +4,13 @@
 //! (competing consumers: each message goes to one replica), counts it unread
 //! for offline members and pushes it to their devices (`deliver.rs`). The
 //! durable consumer `archiver` copies every message into PostgreSQL
-//! (`archive.rs`). Both ack a message only when its work is done.
+//! (`archive.rs`), and keeps the stream's window per room (`trim.rs`). Both
+//! ack a message only when its work is done.
 
 mod archive;
 mod deliver;
 pub mod metrics;
+mod trim;
 
 use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
@@ -37,6 +39,8 @@ pub(crate) struct Shared {
     pub nats: async_nats::Client,
     pub pushers: Pushers,
     pub metrics: metrics::Metrics,
+    /// The rooms the archiver wrote to, for the window's trim.
+    pub trim: trim::Due,
 }
 
 pub struct Notifier {
@@ -67,7 +71,8 @@ impl Notifier {
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let metrics = metrics::Metrics::default();
-        Ok(Self { listener, shared: Arc::new(Shared { settings, db, nats, pushers, metrics }), js })
+        let trim = trim::Due::default();
+        Ok(Self { listener, shared: Arc::new(Shared { settings, db, nats, pushers, metrics, trim }), js })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -100,6 +105,7 @@ impl Notifier {
             let archiver = bind(&stream, archiver_consumer()).await?;
             tasks.spawn(consume(shared.clone(), archiver.clone(), stop.clone(), archive::handle));
             tasks.spawn(lag_gauge(shared.clone(), archiver, stop.clone()));
+            tasks.spawn(trim::run(shared.clone(), stream.clone(), stop.clone()));
         }
         ready_tx.send_replace(true);
         tracing::info!(archive = shared.settings.archive, "notifier consuming");

@@ -252,6 +252,89 @@ async fn history_comes_from_the_archive_once_the_stream_has_dropped_it() {
     assert_eq!(seqs, vec![4, 3, 2, 1]);
 }
 
+/// The CHAT stream's first and last sequence and its message count.
+async fn chat_stream_state(nats: &NatsServer) -> (u64, u64, u64) {
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let state = js.get_stream("CHAT").await.unwrap().info().await.unwrap().state.clone();
+    (state.first_sequence, state.last_sequence, state.messages)
+}
+
+/// A notifier away while a room takes ten times its window finds every
+/// message when it is back: the stream holds them (up to the hard limit)
+/// until the archiver and the notifier are past them, and only then does the
+/// archiver trim the room to its window. With the window as the stream's own
+/// limit, 91 of these would have been discarded unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notifier_ten_windows_behind_in_one_room_loses_nothing_and_the_room_is_trimmed_after() {
+    let window = ["--stream-max-per-room", "10", "--stream-hard-max-per-room", "1000"];
+    let s = Stack::with(&window, &window).await;
+    let emu = TestEmulator::start(&[]).await;
+    let base = s.gw1.http();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    let first = spawn_notifier(&s.nats, &s.db, &emu, &window).await;
+    post_message(&base, "alice", "general", "m0", "before").await;
+    assert_eventually!(Duration::from_secs(10), unread_total(&base, "bob").await == 1, "counted");
+    first.stop().await;
+
+    let seqs = flood(&base, "general", 100).await;
+    let (first_seq, last_seq, held) = chat_stream_state(&s.nats).await;
+    assert_eq!((first_seq, held), (1, 101), "nothing discarded while the notifier is away (last {last_seq})");
+
+    let second = spawn_notifier(&s.nats, &s.db, &emu, &window).await;
+    assert_eventually!(Duration::from_secs(20), unread_total(&base, "bob").await == 101, "every message counted");
+    let pool = s.db.pool().await;
+    let archived =
+        || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap() };
+    assert_eventually!(Duration::from_secs(20), archived().await == 101, "every message archived");
+    assert_eventually!(
+        Duration::from_secs(20),
+        chat_stream_state(&s.nats).await.2 == 10,
+        "the room trimmed to its window once both consumers are past"
+    );
+    let newest = *seqs.iter().max().unwrap();
+    assert_eq!(chat_stream_state(&s.nats).await, (newest - 9, newest, 10), "the window is the newest ten");
+    assert_eq!(metric(second.addr, "natter_stream_trimmed_messages_total").await, 91);
+    let h = get_json(format!("{base}/v1/rooms/general/messages?limit=200"), "bob").await;
+    assert_eq!(h["messages"].as_array().unwrap().len(), 101, "history: the window, then the archive");
+}
+
+/// The archiver keeps up while the notifier cannot finish (the push
+/// provider is down): the trim stops at the notifier's ack floor, so every
+/// message is still there to push when the provider is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archiver_does_not_trim_what_the_notifier_has_not_finished() {
+    let window = ["--stream-max-per-room", "10"];
+    let s = Stack::with(&window, &window).await;
+    let emu = TestEmulator::start(&[]).await;
+    let base = s.gw1.http();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    register(&base, "bob", "fcm", ANDROID).await;
+    emu.fail(ANDROID, 503, "UNAVAILABLE", 0, None).await;
+    let stuck = ["--stream-max-per-room", "10", "--push-attempts", "1", "--push-redelivery", "1s"];
+    let stuck = [&stuck[..], &["--notifier-max-deliver", "1000"]].concat();
+    let n = spawn_notifier(&s.nats, &s.db, &emu, &stuck).await;
+    let seqs = flood(&base, "general", 50).await;
+    let pool = s.db.pool().await;
+    assert_eventually!(
+        Duration::from_secs(10),
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap() == 50,
+        "archived"
+    );
+    // Two trim rounds with the room due and the notifier's floor at its first message.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(chat_stream_state(&s.nats).await.2, 50, "nothing trimmed below the notifier's floor");
+    assert_eq!(metric(n.addr, "natter_stream_trimmed_messages_total").await, 0);
+
+    emu.clear_faults().await;
+    let want: HashSet<u64> = seqs.iter().copied().collect();
+    assert_eventually!(
+        Duration::from_secs(30),
+        pushed_seqs(&emu.delivered_to(ANDROID).await).into_iter().collect::<HashSet<_>>() == want,
+        "every message pushed once the provider is back"
+    );
+    assert_eventually!(Duration::from_secs(20), chat_stream_state(&s.nats).await.2 == 10, "then trimmed to the window");
+}
+
 /// Sends `n` messages over HTTP, 16 at a time; returns their seqs.
 async fn flood(base: &str, room: &str, n: usize) -> Vec<u64> {
     use futures::StreamExt;

@@ -332,7 +332,6 @@ async fn notifier_user_consumes_but_cannot_publish_messages() {
         "$KV.presence.bob.gw1",
         "$JS.API.STREAM.DELETE.CHAT",
         "$JS.API.STREAM.CREATE.CHAT",
-        "$JS.API.STREAM.PURGE.CHAT",
     ];
     for s in forbidden_pub {
         nt.publish_refused(s).await;
@@ -363,17 +362,18 @@ async fn wrong_password_is_refused() {
     sys.flush().await.unwrap();
 }
 
-/// The real gateway and notifier, each with its own NATS user: a message to
-/// an offline member is stored, counted unread, archived and pushed.
+/// The real gateway and notifier, each with its own NATS user: messages to
+/// an offline member are stored, counted unread, archived and pushed, and
+/// the room is trimmed to its window (one message here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_and_notifier_run_under_their_nats_users() {
     let nats = ConfiguredNats::start();
     let db = TestDb::new().await;
-    let gw =
-        spawn_gateway_at(&nats.url(), &db, "gw1", &["--nats-user", "gateway", "--nats-password", GATEWAY_PASSWORD])
-            .await;
+    let window = ["--stream-max-per-room", "1"];
+    let gw_args = [&["--nats-user", "gateway", "--nats-password", GATEWAY_PASSWORD][..], &window].concat();
+    let gw = spawn_gateway_at(&nats.url(), &db, "gw1", &gw_args).await;
     let emu = TestEmulator::start(&[]).await;
-    let creds = ["--nats-user", "notifier", "--nats-password", NOTIFIER_PASSWORD];
+    let creds = [&["--nats-user", "notifier", "--nats-password", NOTIFIER_PASSWORD][..], &window].concat();
     let _notifier = spawn_notifier_at(&nats.url(), &db.url, &emu, &creds).await;
     let base = gw.http();
     create_room(&base, "alice", "general", &["bob"]).await;
@@ -385,21 +385,26 @@ async fn gateway_and_notifier_run_under_their_nats_users() {
         .await
         .unwrap();
     assert!(r.status().is_success());
-    let r = http()
-        .post(format!("{base}/v1/rooms/general/messages"))
-        .bearer_auth(token("alice"))
-        .json(&serde_json::json!({"id": "m1", "body": "hi"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
-    assert_eventually!(WAIT, emu.delivered_to("bob-phone").await.len() == 1, "pushed under the notifier user");
+    for id in ["m1", "m2", "m3"] {
+        let r = http()
+            .post(format!("{base}/v1/rooms/general/messages"))
+            .bearer_auth(token("alice"))
+            .json(&serde_json::json!({"id": id, "body": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    assert_eventually!(WAIT, emu.delivered_to("bob-phone").await.len() == 3, "pushed under the notifier user");
     let pool = db.pool().await;
     assert_eventually!(
         WAIT,
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap() == 1,
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap() == 3,
         "archived under the notifier user"
     );
+    let observer = User::connect(&nats, "gateway", GATEWAY_PASSWORD).await;
+    let chat = || async { observer.js().get_stream("CHAT").await.unwrap().info().await.unwrap().state.messages };
+    assert_eventually!(WAIT, chat().await == 1, "trimmed to the window under the notifier user");
 }
 
 /// A gateway with one subscription for every room and one for every user's

@@ -18,6 +18,7 @@ pub fn nats_settings(url: String) -> natter::config::NatsSettings {
         stream_replicas: 1,
         stream_max_age: Duration::from_secs(3600),
         stream_max_per_room: 100,
+        stream_hard_max_per_room: 1000,
     }
 }
 
