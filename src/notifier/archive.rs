@@ -24,10 +24,10 @@ pub(super) async fn handle(shared: Arc<Shared>, msgs: Vec<jetstream::Message>) -
     match archive::insert(&shared.db, &rows).await {
         Ok(n) => {
             shared.metrics.archived.inc_by(n);
-            for (d, room, _) in &batch {
+            for (d, _, _) in &batch {
                 d.ack().await;
-                shared.trim.archived(room, 1);
             }
+            shared.trim.archived(batch.iter().map(|(_, room, _)| room));
             None
         }
         Err(e) => {

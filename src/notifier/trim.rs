@@ -34,9 +34,12 @@ const EVERY: Duration = Duration::from_secs(2);
 pub(crate) struct Due(Mutex<HashMap<RoomId, u64>>);
 
 impl Due {
-    /// Counts `n` messages of `room` archived.
-    pub fn archived(&self, room: &RoomId, n: u64) {
-        *self.0.lock().entry(room.clone()).or_default() += n;
+    /// Counts a batch's archived messages, one room per message.
+    pub fn archived<'a>(&self, rooms: impl IntoIterator<Item = &'a RoomId>) {
+        let mut due = self.0.lock();
+        for room in rooms {
+            *due.entry(room.clone()).or_default() += 1;
+        }
     }
 
     /// Takes the rooms with at least `at_least` archived messages since their
@@ -157,14 +160,15 @@ mod tests {
     #[test]
     fn a_room_is_due_once_enough_is_archived_and_again_after_a_failed_trim() {
         let due = Due::default();
-        due.archived(&room("a"), 6);
-        due.archived(&room("b"), 3);
-        due.archived(&room("a"), 4);
+        let (a, b) = (room("a"), room("b"));
+        due.archived([&a; 6]);
+        due.archived([&b; 3]);
+        due.archived([&a; 4]);
         assert_eq!(due.take(10), vec![room("a")]);
         assert!(due.take(10).is_empty(), "taken rooms start counting again");
         due.retry(room("a"), 10);
         assert_eq!(due.take(10), vec![room("a")]);
-        due.archived(&room("b"), 7);
+        due.archived([&b; 7]);
         assert_eq!(due.take(10), vec![room("b")]);
     }
 }

@@ -258,16 +258,19 @@ async fn history_comes_from_the_archive_once_the_stream_has_dropped_it() {
     assert_eq!(seqs, vec![4, 3, 2, 1]);
 }
 
+/// A JetStream context of its own on the test's server, for reading state.
+async fn observer(nats: &NatsServer) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap())
+}
+
 /// The CHAT stream's first and last sequence and its message count.
-async fn chat_stream_state(nats: &NatsServer) -> (u64, u64, u64) {
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+async fn chat_stream_state(js: &async_nats::jetstream::Context) -> (u64, u64, u64) {
     let state = js.get_stream("CHAT").await.unwrap().info().await.unwrap().state.clone();
     (state.first_sequence, state.last_sequence, state.messages)
 }
 
 /// A durable consumer's progress, for failure messages.
-async fn consumer_state(nats: &NatsServer, name: &str) -> String {
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+async fn consumer_state(js: &async_nats::jetstream::Context, name: &str) -> String {
     match js.get_stream("CHAT").await.unwrap().consumer_info(name).await {
         Ok(i) => format!(
             "{name}: delivered {} ack floor {} ack pending {} redelivered {} pending {} waiting {}",
@@ -291,6 +294,7 @@ async fn consumer_state(nats: &NatsServer, name: &str) -> String {
 async fn a_notifier_ten_windows_behind_in_one_room_loses_nothing_and_the_room_is_trimmed_after() {
     let window = ["--stream-max-per-room", "10", "--stream-hard-max-per-room", "1000"];
     let s = Stack::with(&window, &window).await;
+    let js = observer(&s.nats).await;
     let emu = TestEmulator::start(&[]).await;
     let base = s.gw1.http();
     create_room(&base, "alice", "general", &["bob"]).await;
@@ -303,7 +307,7 @@ async fn a_notifier_ten_windows_behind_in_one_room_loses_nothing_and_the_room_is
     first.stop().await;
 
     let seqs = flood(&base, "general", 100).await;
-    let (first_seq, last_seq, held) = chat_stream_state(&s.nats).await;
+    let (first_seq, last_seq, held) = chat_stream_state(&js).await;
     assert_eq!((first_seq, held), (1, 101), "nothing discarded while the notifier is away (last {last_seq})");
 
     let second = spawn_notifier(&s.nats, &s.db, &emu, &window).await;
@@ -316,9 +320,9 @@ async fn a_notifier_ten_windows_behind_in_one_room_loses_nothing_and_the_room_is
         assert!(
             std::time::Instant::now() < until,
             "every message counted: {n} of 101; stream {:?}; {}; {}",
-            chat_stream_state(&s.nats).await,
-            consumer_state(&s.nats, "notifier").await,
-            consumer_state(&s.nats, "archiver").await,
+            chat_stream_state(&js).await,
+            consumer_state(&js, "notifier").await,
+            consumer_state(&js, "archiver").await,
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -328,11 +332,11 @@ async fn a_notifier_ten_windows_behind_in_one_room_loses_nothing_and_the_room_is
     assert_eventually!(Duration::from_secs(70), archived().await == 101, "every message archived");
     assert_eventually!(
         Duration::from_secs(20),
-        chat_stream_state(&s.nats).await.2 == 10,
+        chat_stream_state(&js).await.2 == 10,
         "the room trimmed to its window once both consumers are past"
     );
     let newest = *seqs.iter().max().unwrap();
-    assert_eq!(chat_stream_state(&s.nats).await, (newest - 9, newest, 10), "the window is the newest ten");
+    assert_eq!(chat_stream_state(&js).await, (newest - 9, newest, 10), "the window is the newest ten");
     assert_eq!(metric(second.addr, "natter_stream_trimmed_messages_total").await, 91);
     let h = get_json(format!("{base}/v1/rooms/general/messages?limit=200"), "bob").await;
     assert_eq!(h["messages"].as_array().unwrap().len(), 101, "history: the window, then the archive");
@@ -345,6 +349,7 @@ async fn a_notifier_ten_windows_behind_in_one_room_loses_nothing_and_the_room_is
 async fn the_archiver_does_not_trim_what_the_notifier_has_not_finished() {
     let window = ["--stream-max-per-room", "10"];
     let s = Stack::with(&window, &window).await;
+    let js = observer(&s.nats).await;
     let emu = TestEmulator::start(&[]).await;
     let base = s.gw1.http();
     create_room(&base, "alice", "general", &["bob"]).await;
@@ -362,7 +367,7 @@ async fn the_archiver_does_not_trim_what_the_notifier_has_not_finished() {
     );
     // Two trim rounds with the room due and the notifier's floor at its first message.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(chat_stream_state(&s.nats).await.2, 50, "nothing trimmed below the notifier's floor");
+    assert_eq!(chat_stream_state(&js).await.2, 50, "nothing trimmed below the notifier's floor");
     assert_eq!(metric(n.addr, "natter_stream_trimmed_messages_total").await, 0);
 
     emu.clear_faults().await;
@@ -372,7 +377,7 @@ async fn the_archiver_does_not_trim_what_the_notifier_has_not_finished() {
         pushed_seqs(&emu.delivered_to(ANDROID).await).into_iter().collect::<HashSet<_>>() == want,
         "every message pushed once the provider is back"
     );
-    assert_eventually!(Duration::from_secs(20), chat_stream_state(&s.nats).await.2 == 10, "then trimmed to the window");
+    assert_eventually!(Duration::from_secs(20), chat_stream_state(&js).await.2 == 10, "then trimmed to the window");
 }
 
 /// Sends `n` messages over HTTP, 16 at a time; returns their seqs.
