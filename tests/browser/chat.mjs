@@ -58,11 +58,13 @@ async function say(page, text) {
   await page.locator(id("composer-input")).press("Enter");
 }
 
+// Starting chromium took more than 15 s twice while the rest of the suite
+// kept both cores busy; the Rust side bounds the whole script at 90 s.
 const browser = await chromium.launch({
   executablePath: CHROMIUM,
   headless: true,
   args: ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"],
-  timeout: T,
+  timeout: 45_000,
 });
 const pages = {};
 const problems = [];
