@@ -255,6 +255,10 @@ pub struct LimitSettings {
     /// `join` frames per second per connection.
     #[arg(long, env = "NATTER_LIMIT_JOINS_PER_SEC", default_value_t = 20)]
     pub limit_joins_per_sec: u32,
+    /// Messages one resume (`join` with `since`, SSE `Last-Event-ID`) replays
+    /// at most: the newest; the client pages older ones over HTTP.
+    #[arg(long, env = "NATTER_LIMIT_REPLAY", default_value_t = 2000)]
+    pub limit_replay: usize,
     /// Rooms one connection may have joined at once.
     #[arg(long, env = "NATTER_LIMIT_ROOMS_PER_CONN", default_value_t = 1000)]
     pub limit_rooms_per_conn: usize,

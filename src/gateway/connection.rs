@@ -22,12 +22,13 @@ use super::{
     limits::ConnSlot,
     outbound::{ConnHandle, Out, Outbox, close},
     protocol::{self, ClientFrame, ServerFrame},
+    replay,
 };
 use crate::{
     auth::{AuthError, Identity},
     bus::presence::Status,
     bus::{
-        directget, envelope,
+        envelope,
         envelope::Kind,
         messages::{self, NewMessage},
         subjects,
@@ -655,30 +656,28 @@ impl Session<'_> {
         let last =
             state.hub.join(&room, self.conn.clone()).await.map_err(|e| ApiError::unavailable("message stream", e))?;
         self.rooms.insert(room.clone());
-        self.conn.send(ServerFrame::Joined { room: room.as_str(), last_seq: last }.encode()).await;
-        let mut cursor = last;
-        if let Some(since) = since {
-            cursor = cursor.max(since);
-            if since < last {
-                let subject = subjects::room_msg(&room);
-                match directget::range(&state.nats, &subject, since, last + 1).await {
-                    Ok(missed) => {
-                        for m in missed {
-                            if let Some(f) = envelope::message_frame(room.as_str(), m.seq, &m.payload)
-                                .and_then(|b| Utf8Bytes::try_from(b).ok())
-                            {
-                                self.conn.send(f).await;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        self.rooms.remove(&room);
-                        state.hub.leave(&room, self.conn.id);
-                        return Err(ApiError::unavailable("message stream", e));
-                    }
+        let replay = match since {
+            Some(since) => match replay::read(state, &room, since, last).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.rooms.remove(&room);
+                    state.hub.leave(&room, self.conn.id);
+                    return Err(ApiError::unavailable("message stream", e));
                 }
+            },
+            None => replay::Replay::default(),
+        };
+        let joined =
+            ServerFrame::Joined { room: room.as_str(), last_seq: last, truncated_before: replay.truncated_before };
+        self.conn.send(joined.encode()).await;
+        for m in replay.messages {
+            if let Some(f) =
+                envelope::message_frame(room.as_str(), m.seq, &m.payload).and_then(|b| Utf8Bytes::try_from(b).ok())
+            {
+                self.conn.send(f).await;
             }
         }
+        let cursor = since.map_or(last, |s| s.max(last));
         state.hub.caught_up(&room, self.conn.id, cursor);
         Ok(())
     }

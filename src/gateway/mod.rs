@@ -2,10 +2,11 @@
 //!
 //! `ws.rs` upgrades and authenticates, `connection.rs` runs one socket,
 //! `hub.rs` maps local rooms to connections, `room.rs` owns a room's live
-//! subscription, gap repair and fan-out, `http.rs` is the REST API, `sse.rs`
-//! the Server-Sent Events fallback (a connection like a WebSocket one),
-//! `attachments.rs` image uploads and downloads (NATS object store), `web/`
-//! the embedded browser client, `dev.rs` the `--dev` sign-in.
+//! subscription, gap repair and fan-out, `replay.rs` reads what a resume
+//! missed, `http.rs` is the REST API, `sse.rs` the Server-Sent Events
+//! fallback (a connection like a WebSocket one), `attachments.rs` image
+//! uploads and downloads (NATS object store), `web/` the embedded browser
+//! client, `dev.rs` the `--dev` sign-in.
 
 pub mod attachments;
 pub mod connection;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod presence;
 pub mod protocol;
+pub mod replay;
 pub mod room;
 pub mod sse;
 pub mod users;

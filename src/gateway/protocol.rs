@@ -125,6 +125,10 @@ pub enum ServerFrame<'a> {
     Joined {
         room: &'a str,
         last_seq: u64,
+        /// The resume replays from this seq: what it skipped of `(since,
+        /// truncated_before)` is paged over HTTP. Absent when nothing was skipped.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        truncated_before: Option<u64>,
     },
     Left {
         room: &'a str,

@@ -9,6 +9,8 @@
 //!
 //! Each message is `event: message`, `id: <seq>`, `data: <the WebSocket
 //! message frame>`; typing and read markers are `event: typing` / `event: read`.
+//! A resume that skipped messages starts with `event: joined` (the WebSocket
+//! `joined` frame, with `truncated_before`).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -29,12 +31,14 @@ use super::{
     http::{TokenCaller, query_param, require_member},
     limits::ConnSlot,
     outbound::{ConnHandle, Out, Outbox},
+    protocol::ServerFrame,
+    replay,
     users::UserEvent,
     ws,
 };
 use crate::{
     auth::unix_now,
-    bus::{directget, envelope, subjects},
+    bus::envelope,
     error::{ApiError, Code},
     ids::RoomId,
 };
@@ -62,15 +66,21 @@ pub async fn events(
     let last = state.hub.join(&conn.room, conn.handle.clone()).await.map_err(|e| unavailable(&e))?;
     conn.joined = true;
     let replay = match since {
-        Some(since) if since < last => directget::range(&state.nats, &subjects::room_msg(&conn.room), since, last + 1)
-            .await
-            .map_err(|e| unavailable(&e))?,
-        _ => Vec::new(),
+        Some(since) => replay::read(&state, &conn.room, since, last).await.map_err(|e| unavailable(&e))?,
+        None => replay::Replay::default(),
     };
     let cursor = since.map_or(last, |s| s.max(last));
+    // A truncated replay says so first, in the WebSocket `joined` frame.
+    let truncated = replay.truncated_before.map(|before| {
+        let joined = ServerFrame::Joined { room: conn.room.as_str(), last_seq: last, truncated_before: Some(before) };
+        Event::default().event("joined").data(joined.encode().as_str())
+    });
     let room_id = conn.room.clone();
-    let replayed = futures::stream::iter(replay)
-        .filter_map(move |m| std::future::ready(message_event(&room_id, m.seq, &m.payload)))
+    let replayed = futures::stream::iter(truncated)
+        .chain(
+            futures::stream::iter(replay.messages)
+                .filter_map(move |m| std::future::ready(message_event(&room_id, m.seq, &m.payload))),
+        )
         .map(Ok);
     let live = Live { conn, rx, exp: me.exp, cursor: Some(cursor), restart_at: None };
     let mut resp =

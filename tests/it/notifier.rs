@@ -380,6 +380,85 @@ async fn the_archiver_does_not_trim_what_the_notifier_has_not_finished() {
     assert_eventually!(Duration::from_secs(20), chat_stream_state(&js).await.2 == 10, "then trimmed to the window");
 }
 
+/// A client that resumes from before the room's window (the stream has
+/// trimmed what it missed into the archive) still gets every message in
+/// `(since, last]`, in order and once, then live ones; over the replay limit
+/// it gets the newest and is told where they start. Over SSE too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_from_before_the_room_window_replays_the_archive_then_the_stream() {
+    let window = ["--stream-max-per-room", "10"];
+    let limited = ["--stream-max-per-room", "10", "--limit-replay", "50"];
+    let s = Stack::with(&window, &limited).await;
+    let js = observer(&s.nats).await;
+    let emu = TestEmulator::start(&[]).await;
+    let _notifier = spawn_notifier(&s.nats, &s.db, &emu, &window).await;
+    let base = s.gw1.http();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    let mut sent = flood(&base, "general", 100).await;
+    sent.sort_unstable();
+    assert_eventually!(Duration::from_secs(30), chat_stream_state(&js).await.2 == 10, "trimmed to the window");
+    let since = sent[4];
+
+    // Default limit: 95 missed, 85 of them only in the archive.
+    let mut bob = Client::connect(s.gw1.addr, "bob").await;
+    bob.send(json!({"type":"join","room":"general","since":since})).await;
+    let joined = bob.expect("joined").await;
+    assert_eq!(joined["last_seq"], sent[99]);
+    assert!(joined.get("truncated_before").is_none(), "nothing skipped: {joined}");
+    let replayed = bob.messages("general", 95).await;
+    assert_eq!(seqs_in_order(&replayed), sent[5..], "every missed message, in order, once");
+    let first = &replayed[0];
+    let n = first["id"].as_str().unwrap().trim_start_matches('f');
+    assert_eq!((&first["from"], &first["body"]), (&json!("alice"), &json!(format!("flood {n}"))), "as stored: {first}");
+    let live = post_message(&base, "alice", "general", "after", "live").await;
+    assert_eq!(seqs_in_order(&bob.messages("general", 1).await), [live], "then live, no gap or repeat");
+
+    // From the very start (`since` 0): the whole room.
+    let mut from_start = Client::connect(s.gw1.addr, "bob").await;
+    from_start.join("general", Some(0)).await;
+    assert_eq!(seqs_in_order(&from_start.messages("general", 101).await).len(), 101);
+
+    // A limit of 50: the newest 50, and where they start.
+    let mut limited_bob = Client::connect(s.gw2.addr, "bob").await;
+    limited_bob.send(json!({"type":"join","room":"general","since":since})).await;
+    let joined = limited_bob.expect("joined").await;
+    assert_eq!(joined["truncated_before"], sent[51], "{joined}");
+    let newest: Vec<u64> = sent[51..].iter().copied().chain([live]).collect();
+    assert_eq!(seqs_in_order(&limited_bob.messages("general", 50).await), newest);
+    // What was skipped is paged over HTTP, below `truncated_before`.
+    let page =
+        get_json(format!("{}/v1/rooms/general/messages?before={}&limit=200", s.gw2.http(), sent[51]), "bob").await;
+    let paged: Vec<u64> = page["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(paged.iter().rev().copied().collect::<Vec<_>>(), sent[..51]);
+
+    // SSE says the same with `event: joined` before the replay.
+    let url = crate::sse::events_url(&s.gw2.http(), "general");
+    let bob_token = token("bob");
+    let mut reader =
+        crate::sse::SseClient::open(&url, crate::sse::Auth::Bearer(&bob_token), Some(since)).await.unwrap();
+    let joined = reader.expect("joined").await.json();
+    assert_eq!(joined["truncated_before"], sent[51], "{joined}");
+    let mut over_sse = Vec::new();
+    for _ in 0..50 {
+        over_sse.push(reader.expect("message").await.seq());
+    }
+    assert_eq!(over_sse, newest);
+
+    // Without the archive (its table renamed away): the stream's part, and
+    // where it starts, so the client knows what to page later.
+    assert_eventually!(Duration::from_secs(30), chat_stream_state(&js).await.2 == 10, "trimmed again");
+    let (held_from, _, _) = chat_stream_state(&js).await;
+    let pool = s.db.pool().await;
+    sqlx::query("ALTER TABLE messages RENAME TO messages_away").execute(&pool).await.unwrap();
+    let mut bob = Client::connect(s.gw1.addr, "bob").await;
+    bob.send(json!({"type":"join","room":"general","since":since})).await;
+    let joined = bob.expect("joined").await;
+    assert_eq!(joined["truncated_before"], held_from, "{joined}");
+    let held: Vec<u64> = sent.iter().copied().chain([live]).filter(|&q| q >= held_from).collect();
+    assert_eq!(seqs_in_order(&bob.messages("general", 10).await), held);
+    sqlx::query("ALTER TABLE messages_away RENAME TO messages").execute(&pool).await.unwrap();
+}
+
 /// Sends `n` messages over HTTP, 16 at a time; returns their seqs.
 async fn flood(base: &str, room: &str, n: usize) -> Vec<u64> {
     use futures::StreamExt;

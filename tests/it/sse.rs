@@ -114,7 +114,7 @@ fn parse_block(block: &str) -> Option<SseEvent> {
     any.then(|| SseEvent { event, id, data: data.join("\n") })
 }
 
-fn events_url(base: &str, room: &str) -> String {
+pub fn events_url(base: &str, room: &str) -> String {
     format!("{base}/v1/rooms/{room}/events")
 }
 
