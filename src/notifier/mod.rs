@@ -241,7 +241,10 @@ where
         let mut chunks = messages.ready_chunks(batch);
         loop {
             let chunk = tokio::select! {
-                _ = stop.cancelled() => break 'connect,
+                _ = stop.cancelled() => {
+                    in_hand.alongside(hand_back(&mut chunks)).await;
+                    break 'connect;
+                }
                 Some(wait) = in_hand.futs.next(), if !in_hand.futs.is_empty() => {
                     in_hand.pause_for(wait);
                     continue;
@@ -263,6 +266,35 @@ where
         }
     }
     while in_hand.futs.next().await.is_some() {}
+}
+
+/// How long a stopping consumer loop waits for more of what its pull
+/// brought (in flight when it stopped), and the most it spends handing back.
+const HAND_BACK_QUIET: Duration = Duration::from_millis(100);
+const HAND_BACK_MAX: Duration = Duration::from_secs(1);
+
+/// At stop: what the pull brought and no batch took goes back to the stream
+/// (a nak) for another replica, which gets it within `HAND_BACK_MAX` instead
+/// of after the ack wait. The nak's delay keeps this replica's pull, still
+/// open meanwhile, from taking it again.
+async fn hand_back<E: std::fmt::Display>(
+    pulled: &mut (impl futures::Stream<Item = Vec<Result<jetstream::Message, E>>> + Unpin),
+) {
+    let until = tokio::time::Instant::now() + HAND_BACK_MAX;
+    let mut handed = 0usize;
+    loop {
+        let quiet = until.saturating_duration_since(tokio::time::Instant::now()).min(HAND_BACK_QUIET);
+        let Ok(Some(chunk)) = tokio::time::timeout(quiet, pulled.next()).await else { break };
+        for msg in chunk.into_iter().filter_map(Result::ok) {
+            match msg.ack_with(jetstream::AckKind::Nak(Some(HAND_BACK_MAX))).await {
+                Ok(()) => handed += 1,
+                Err(e) => tracing::warn!(error = %e, "hand-back failed (redelivered after the ack wait)"),
+            }
+        }
+    }
+    if handed > 0 {
+        tracing::info!(messages = handed, "stopping: handed back what was pulled and not started");
+    }
 }
 
 /// The batches a consumer loop is working on, and the pause one of them

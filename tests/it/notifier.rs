@@ -298,8 +298,9 @@ async fn a_notifier_ten_windows_behind_in_one_room_loses_nothing_and_the_room_is
     let emu = TestEmulator::start(&[]).await;
     let base = s.gw1.http();
     create_room(&base, "alice", "general", &["bob"]).await;
-    // A message handed to the first notifier's pull while it shuts down
-    // comes back after the ack wait (the archiver's is 60 s).
+    // A message still in flight to the first notifier's pull when it has
+    // handed back what it held comes back after the ack wait (the
+    // archiver's is 60 s).
     let window = [&window[..], &["--notifier-ack-wait", "2s"]].concat();
     let first = spawn_notifier(&s.nats, &s.db, &emu, &window).await;
     post_message(&base, "alice", "general", "m0", "before").await;
@@ -499,6 +500,33 @@ async fn a_notifier_killed_mid_batch_loses_no_push_and_counts_nothing_twice() {
         "every message pushed at least once"
     );
     assert_eq!(unread_total(&base, "bob").await, 300, "each message counted exactly once");
+}
+
+/// A notifier stopped gracefully (a rolling update) finishes the batches in
+/// hand and hands back what its pull brought but it had not started, so the
+/// next replica pushes those at once, not after the ack wait (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notifier_stopped_mid_stream_hands_back_what_it_had_not_started() {
+    let s = Stack::start().await;
+    let emu = TestEmulator::start(&["--latency", "20ms"]).await;
+    let base = s.gw1.http();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    register(&base, "bob", "fcm", ANDROID).await;
+    let extra = ["--notifier-ack-wait", "60s", "--notifier-batch", "50", "--push-concurrency", "4"];
+    let first = spawn_notifier(&s.nats, &s.db, &emu, &extra).await;
+    let seqs = flood(&base, "general", 600).await;
+    assert_eventually!(Duration::from_secs(20), emu.delivered_to(ANDROID).await.len() >= 50, "pushing has begun");
+    first.stop().await;
+    let before = emu.delivered_to(ANDROID).await.len();
+    assert!(before < 600, "stopped mid-way ({before} of 600 pushed)");
+    let _second = spawn_notifier(&s.nats, &s.db, &emu, &extra).await;
+    let want: HashSet<u64> = seqs.iter().copied().collect();
+    assert_eventually!(
+        Duration::from_secs(20),
+        pushed_seqs(&emu.delivered_to(ANDROID).await).into_iter().collect::<HashSet<_>>() == want,
+        "every message pushed well within the ack wait"
+    );
+    assert_eq!(unread_total(&base, "bob").await, 600, "each message counted once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
