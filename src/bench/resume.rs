@@ -23,6 +23,11 @@ pub struct ResumeArgs {
     /// Repetitions (each in a fresh room).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Milliseconds the client stays away after the messages are sent. With
+    /// a room window (`NATTER_STREAM_MAX_PER_ROOM`) below `--messages`, a few
+    /// seconds let the archiver trim the room, so the replay reads the archive.
+    #[arg(long, default_value_t = 0)]
+    pub away_ms: u64,
 }
 
 pub async fn run(gateways: &[String], signer: &Signer, a: ResumeArgs) -> anyhow::Result<Value> {
@@ -40,6 +45,7 @@ pub async fn run(gateways: &[String], signer: &Signer, a: ResumeArgs) -> anyhow:
         ws.close(None).await?;
 
         let seqs = send_all(first, signer, &sender, &room, a.messages).await?;
+        tokio::time::sleep(Duration::from_millis(a.away_ms)).await;
 
         let t_connect = Instant::now();
         let mut ws = connect(other, signer, &reader).await?;
@@ -67,7 +73,7 @@ pub async fn run(gateways: &[String], signer: &Signer, a: ResumeArgs) -> anyhow:
         );
         let _ = ws.close(None).await;
     }
-    let mut out = json!({"scenario": "resume", "messages": a.messages, "runs": from_join.len(), "checked": "every message once, in order"});
+    let mut out = json!({"scenario": "resume", "messages": a.messages, "away_ms": a.away_ms, "runs": from_join.len(), "checked": "every message once, in order"});
     extend(&mut out, json!({"from_join": percentiles(&mut from_join), "from_connect": percentiles(&mut from_connect)}));
     let median = out["from_join"]["p50_ms"].clone();
     extend(&mut out, json!({"median_ms": median}));
