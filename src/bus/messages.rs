@@ -1,5 +1,8 @@
 //! Publishing a room message into the CHAT stream, with dedupe by
-//! `Nats-Msg-Id` = `<sender>:<client id>`. Shared by WebSocket and HTTP sends.
+//! `Nats-Msg-Id` = `<sender>:<room>:<client id>`. Shared by WebSocket and
+//! HTTP sends. (DESIGN.md has `<sender>:<client id>`: a client id reused in
+//! another room within the duplicate window was acked with the first room's
+//! seq and not stored.)
 
 use async_nats::jetstream::{self, message::PublishMessage, stream::Stream};
 
@@ -51,7 +54,7 @@ pub async fn publish(
         attachment: m.attachment,
     };
     let payload = serde_json::to_vec(&stored).expect("serialisable");
-    let publish = PublishMessage::build().payload(payload.into()).message_id(format!("{}:{}", m.from, m.id));
+    let publish = PublishMessage::build().payload(payload.into()).message_id(format!("{}:{}:{}", m.from, m.room, m.id));
     let fut = js
         .send_publish(subjects::room_msg(m.room), publish)
         .await

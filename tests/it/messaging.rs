@@ -114,6 +114,18 @@ async fn a_retried_client_id_returns_the_same_seq_and_stores_once() {
     let hist: serde_json::Value = get_json(format!("{}/v1/rooms/r/messages", s.gw1.http()), "alice").await;
     let msgs = hist["messages"].as_array().unwrap();
     assert_eq!(msgs.len(), 2, "{hist}");
+
+    // The same client id in another room is another message (clients that
+    // number their sends per room), and a resend there dedupes there.
+    create_room(&s.gw1.http(), "alice", "r2", &["bob"]).await;
+    bob.join("r2", None).await;
+    let elsewhere = alice.send_msg("r2", "same-id", "in r2").await;
+    assert!(elsewhere > bobs, "stored in r2: {elsewhere}");
+    assert_eq!(alice.send_msg("r2", "same-id", "in r2").await, elsewhere);
+    let got = bob.messages("r2", 1).await;
+    assert_eq!((got[0]["seq"].as_u64(), got[0]["body"].as_str()), (Some(elsewhere), Some("in r2")));
+    bob.expect_silence(std::time::Duration::from_millis(300)).await;
+    assert_eq!(alice.send_msg("r", "same-id", "once").await, first, "r's message is still r's");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -460,6 +460,54 @@ async fn a_resume_from_before_the_room_window_replays_the_archive_then_the_strea
     sqlx::query("ALTER TABLE messages_away RENAME TO messages").execute(&pool).await.unwrap();
 }
 
+/// A trim that runs while a resume reads the stream (between its batch
+/// reads) costs the resume nothing: the replay notices that the room's
+/// oldest held message moved and takes the range from the archive as well.
+/// The rooms are purged from below in jumps of 100 while the reader joins,
+/// so the purge overtakes the read in some rounds and not in others; every
+/// replay must be complete either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_during_a_resume_costs_the_resume_nothing() {
+    const ROOMS: usize = 5;
+    const N: usize = 1100; // three batch reads
+    let s = Stack::start().await;
+    let js = observer(&s.nats).await;
+    let emu = TestEmulator::start(&[]).await;
+    let _notifier = spawn_notifier(&s.nats, &s.db, &emu, &[]).await;
+    let base = s.gw1.http();
+    let rooms: Vec<String> = (0..ROOMS).map(|r| format!("trim{r}")).collect();
+    for room in &rooms {
+        create_room(&base, "alice", room, &["bob"]).await;
+    }
+    let mut sent = futures::future::join_all(rooms.iter().map(|room| flood(&base, room, N))).await;
+    let pool = s.db.pool().await;
+    assert_eventually!(
+        Duration::from_secs(60),
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap()
+            == (ROOMS * N) as i64,
+        "everything archived first"
+    );
+    let stream = js.get_stream("CHAT").await.unwrap();
+    for (room, seqs) in rooms.iter().zip(&mut sent) {
+        seqs.sort_unstable();
+        let since = seqs[0];
+        let mut bob = Client::connect(s.gw2.addr, "bob").await;
+        let (subject, cuts) = (format!("chat.room.{room}.msg"), seqs.clone());
+        let stream = stream.clone();
+        let purger = tokio::spawn(async move {
+            for cut in cuts.iter().step_by(100).skip(1) {
+                stream.purge().filter(subject.as_str()).sequence(*cut).await.unwrap();
+            }
+        });
+        bob.send(json!({"type":"join","room":room,"since":since})).await;
+        let joined = bob.expect("joined").await;
+        assert!(joined.get("truncated_before").is_none(), "{joined}");
+        let replayed = bob.messages(room, N - 1).await;
+        assert_eq!(seqs_in_order(&replayed), seqs[1..], "{room}: every message after `since`, once, in order");
+        purger.await.unwrap();
+    }
+}
+
 /// Sends `n` messages over HTTP, 16 at a time; returns their seqs.
 async fn flood(base: &str, room: &str, n: usize) -> Vec<u64> {
     use futures::StreamExt;
