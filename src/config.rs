@@ -257,7 +257,7 @@ pub struct LimitSettings {
     pub limit_joins_per_sec: u32,
     /// Messages one resume (`join` with `since`, SSE `Last-Event-ID`) replays
     /// at most: the newest; the client pages older ones over HTTP.
-    #[arg(long, env = "NATTER_LIMIT_REPLAY", default_value_t = 2000)]
+    #[arg(long, env = "NATTER_LIMIT_REPLAY", default_value_t = 10_000)]
     pub limit_replay: usize,
     /// Rooms one connection may have joined at once.
     #[arg(long, env = "NATTER_LIMIT_ROOMS_PER_CONN", default_value_t = 1000)]
