@@ -259,6 +259,10 @@ pub struct LimitSettings {
     /// at most: the newest; the client pages older ones over HTTP.
     #[arg(long, env = "NATTER_LIMIT_REPLAY", default_value_t = 10_000)]
     pub limit_replay: usize,
+    /// Bytes of stored messages one resume holds and replays at most (the
+    /// newest that fit).
+    #[arg(long, env = "NATTER_LIMIT_REPLAY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub limit_replay_bytes: usize,
     /// Rooms one connection may have joined at once.
     #[arg(long, env = "NATTER_LIMIT_ROOMS_PER_CONN", default_value_t = 1000)]
     pub limit_rooms_per_conn: usize,

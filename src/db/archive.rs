@@ -91,21 +91,67 @@ pub async fn newest_between(
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| MessageView {
-            room: room.to_owned(),
-            seq: r.seq as u64,
-            msg: StoredMessage {
-                id: r.id,
-                from: r.sender,
-                ts: r.ts,
-                body: r.body,
-                kind: if r.kind == "image" { Kind::Image } else { Kind::Text },
-                attachment: r.attachment,
-            },
-        })
-        .collect())
+    Ok(rows.into_iter().map(|r| view(room, r)).collect())
+}
+
+fn view(room: &str, r: Row) -> MessageView {
+    MessageView {
+        room: room.to_owned(),
+        seq: r.seq as u64,
+        msg: StoredMessage {
+            id: r.id,
+            from: r.sender,
+            ts: r.ts,
+            body: r.body,
+            kind: if r.kind == "image" { Kind::Image } else { Kind::Text },
+            attachment: r.attachment,
+        },
+    }
+}
+
+/// The newest archived messages of a room with `after < seq < before`,
+/// newest first, at most `max_messages` and about `max_bytes` of stored
+/// payload (body, id, sender, attachment and 64 bytes of the rest each);
+/// and whether that is all of them. The byte sum is a running sum in
+/// PostgreSQL, so rows beyond the budget are never sent (one is, as the
+/// marker that there are more).
+pub async fn newest_within(
+    pool: &PgPool,
+    room: &str,
+    after: u64,
+    before: u64,
+    max_messages: usize,
+    max_bytes: usize,
+) -> sqlx::Result<(Vec<MessageView>, bool)> {
+    #[derive(sqlx::FromRow)]
+    struct Sized {
+        #[sqlx(flatten)]
+        row: Row,
+        acc: i64,
+    }
+    let clamp = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let rows: Vec<Sized> = sqlx::query_as(
+        "SELECT seq, id, sender, ts, body, kind, attachment, acc FROM (
+             SELECT *, (sum(size) OVER (ORDER BY seq DESC ROWS UNBOUNDED PRECEDING))::bigint AS acc FROM (
+                 SELECT seq, id, sender, ts, body, kind, attachment,
+                        (octet_length(body) + octet_length(id) + octet_length(sender)
+                         + coalesce(octet_length(attachment), 0) + 64)::bigint AS size
+                 FROM messages WHERE room_id = $1 AND seq > $2 AND seq < $3
+                 ORDER BY seq DESC LIMIT $4) newest) running
+         WHERE acc - size <= $5 ORDER BY seq DESC",
+    )
+    .bind(room)
+    .bind(i64::try_from(after).unwrap_or(i64::MAX))
+    .bind(i64::try_from(before).unwrap_or(i64::MAX))
+    .bind(clamp(max_messages).saturating_add(1))
+    .bind(clamp(max_bytes))
+    .fetch_all(pool)
+    .await?;
+    let within =
+        rows.iter().enumerate().position(|(i, r)| i >= max_messages || r.acc > clamp(max_bytes)).unwrap_or(rows.len());
+    let complete = within == rows.len();
+    let views = rows.into_iter().take(within).map(|r| view(room, r.row)).collect();
+    Ok((views, complete))
 }
 
 /// A message a consumer gave up on.

@@ -5,15 +5,19 @@
 //! rest is in PostgreSQL. A replay reads the stream first and the archive
 //! for what the stream no longer holds.
 //!
-//! At most `NATTER_LIMIT_REPLAY` messages are replayed: the newest ones. When
-//! there were more, the replay says where it starts (`truncated_before`) and
-//! the client pages the rest with `GET /v1/rooms/{id}/messages?before=`.
+//! A replay is held in memory until it is sent, so it is bounded: at most
+//! `NATTER_LIMIT_REPLAY` messages and `NATTER_LIMIT_REPLAY_BYTES` bytes, the
+//! newest. When there were more, the replay says where it starts
+//! (`truncated_before`) and the client pages the rest with
+//! `GET /v1/rooms/{id}/messages?before=`.
 //!
 //! Every removal from the stream (the archiver's trim, the per-room ceiling,
 //! the age limit) takes a room's oldest messages first. So the stream still
 //! holding `since` proves it holds everything after it, and a room's first
 //! held message that is unchanged after a read proves that nothing was
 //! removed during the read.
+
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 use sqlx::PgPool;
@@ -29,54 +33,90 @@ use crate::{
 
 use super::AppState;
 
+/// Reads of the stream tried before giving up while trims keep passing them.
+const ATTEMPTS: usize = 5;
+
 /// Messages to send before going live.
 #[derive(Debug, Default)]
 pub struct Replay {
     /// In seq order.
     pub messages: Vec<Stored>,
     /// Set when messages in `(since, truncated_before)` were not replayed:
-    /// there were more than the limit, or the archive could not be read.
+    /// there were more than the limits, or the archive could not be read.
     pub truncated_before: Option<u64>,
 }
 
-/// The messages of `room` in `(since, last]`, at most `limit` (0: no limit).
+/// The most a replay holds.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    messages: usize,
+    bytes: usize,
+}
+
+impl Budget {
+    fn of(state: &AppState) -> Self {
+        let off_is_max = |n: usize| if n == 0 { usize::MAX } else { n };
+        let l = &state.settings.limits;
+        Self { messages: off_is_max(l.limit_replay), bytes: off_is_max(l.limit_replay_bytes) }
+    }
+
+    fn exceeded_by(&self, messages: usize, bytes: usize) -> bool {
+        messages > self.messages || bytes > self.bytes
+    }
+
+    fn left_after(&self, messages: usize, bytes: usize) -> Self {
+        Self { messages: self.messages.saturating_sub(messages), bytes: self.bytes.saturating_sub(bytes) }
+    }
+}
+
+/// The messages of `room` in `(since, last]`, within the replay limits.
 pub async fn read(state: &AppState, room: &RoomId, since: u64, last: u64) -> Result<Replay, ReadError> {
     if since >= last {
         return Ok(Replay::default());
     }
-    let limit = match state.settings.limits.limit_replay {
-        0 => usize::MAX,
-        n => n,
-    };
+    let budget = Budget::of(state);
     let subject = subjects::room_msg(room);
-    let held = from_stream(&state.nats, &subject, since, last, limit).await?;
-    if held.messages.len() > limit {
-        // More than the limit in the stream alone: its newest.
-        let mut newest = directget::newest_before(&state.nats, &state.stream, &subject, last + 1, limit).await?;
-        newest.reverse();
-        let truncated_before = newest.first().map_or(last + 1, |m| m.seq);
-        return Ok(Replay { messages: newest, truncated_before: Some(truncated_before) });
+    let mut attempt = 0;
+    let held = loop {
+        let held = from_stream(&state.nats, &subject, since, last, budget).await?;
+        attempt += 1;
+        if !held.trimmed_during_read {
+            break held;
+        }
+        // Rare: a trim reached past the read. The next read sees where it ended.
+        if attempt == ATTEMPTS {
+            return Err(ReadError::Nats("the room was trimmed during every read; retry".into()));
+        }
+    };
+    let first_held = held.messages.front().map_or(last + 1, |m| m.seq);
+    let messages = Vec::from(held.messages);
+    if held.dropped {
+        return Ok(Replay { messages, truncated_before: Some(first_held) });
     }
-    if held.had_since && !held.trimmed_during_read {
-        return Ok(Replay { messages: held.messages, truncated_before: None });
+    if held.had_since {
+        return Ok(Replay { messages, truncated_before: None });
     }
-    // The stream does not reach back to `since`: the rest is archived. After
-    // a trim during the read, anything in the range may be archived only.
-    let first_held = held.messages.first().map_or(last + 1, |m| m.seq);
-    let upper = if held.trimmed_during_read { last + 1 } else { first_held };
-    match from_archive(&state.db, room, since, upper, limit).await {
-        Ok(archived) => Ok(merge(archived, held.messages, limit)),
+    // The stream does not reach back to `since`: the rest is archived.
+    let left = budget.left_after(messages.len(), held.bytes);
+    match from_archive(&state.db, room, since, first_held, left).await {
+        Ok((mut archived, complete)) => {
+            let truncated_before = (!complete).then(|| archived.first().map_or(first_held, |m| m.seq));
+            archived.extend(messages);
+            Ok(Replay { messages: archived, truncated_before })
+        }
         Err(e) => {
             tracing::warn!(error = %e, room = room.as_str(), "resume without the archive");
-            Ok(Replay { messages: held.messages, truncated_before: Some(first_held) })
+            Ok(Replay { messages, truncated_before: Some(first_held) })
         }
     }
 }
 
-/// What the stream holds of `(since, last]`.
+/// What the stream holds of `(since, last]`: the newest within the budget.
 struct Held {
-    /// At most `limit + 1`: one more says "over the limit".
-    messages: Vec<Stored>,
+    messages: VecDeque<Stored>,
+    bytes: usize,
+    /// Older messages held in the stream were left out for the budget.
+    dropped: bool,
     /// The stream still holds the message at `since` itself.
     had_since: bool,
     /// The room's oldest held message changed while it was read.
@@ -88,12 +128,13 @@ async fn from_stream(
     subject: &str,
     since: u64,
     last: u64,
-    limit: usize,
+    budget: Budget,
 ) -> Result<Held, ReadError> {
     // Read from `since` itself: finding it proves nothing older is needed.
     let mut from = since;
     let mut oldest = None;
-    let mut messages = Vec::new();
+    let mut held =
+        Held { messages: VecDeque::new(), bytes: 0, dropped: false, had_since: false, trimmed_during_read: false };
     let mut batches = 0;
     loop {
         let got = directget::next_batch(nats, subject, from, directget::MAX_BATCH).await?;
@@ -106,77 +147,60 @@ async fn from_stream(
                 break;
             }
             if m.seq > since {
-                messages.push(m);
+                held.bytes += m.payload.len();
+                held.messages.push_back(m);
+                // Keep the newest: drop the oldest past the budget.
+                while budget.exceeded_by(held.messages.len(), held.bytes) {
+                    let Some(old) = held.messages.pop_front() else { break };
+                    held.bytes -= old.payload.len();
+                    held.dropped = true;
+                }
             }
         }
-        if !full || from > last || messages.len() > limit {
+        if !full || from > last {
             break;
         }
     }
-    let had_since = oldest == Some(since);
+    held.had_since = oldest == Some(since);
     // One batch is one read. After several, the room's oldest held message
     // says whether a removal ran in between.
-    let trimmed_during_read = batches > 1 && {
+    held.trimmed_during_read = batches > 1 && {
         let now = directget::next_batch(nats, subject, since, 1).await?;
         now.first().map(|m| m.seq) != oldest
     };
-    Ok(Held { messages, had_since, trimmed_during_read })
+    Ok(held)
 }
 
-/// The newest `limit + 1` archived messages of `(since, before)`, newest first.
+/// The newest archived messages of `(since, before)` within `budget`, in seq
+/// order, and whether that is all of them.
 async fn from_archive(
     pool: &PgPool,
     room: &RoomId,
     since: u64,
     before: u64,
-    limit: usize,
-) -> sqlx::Result<Vec<Stored>> {
-    let rows = db::archive::newest_between(pool, room.as_str(), since, before, limit.saturating_add(1)).await?;
-    Ok(rows
+    budget: Budget,
+) -> sqlx::Result<(Vec<Stored>, bool)> {
+    let (rows, complete) =
+        db::archive::newest_within(pool, room.as_str(), since, before, budget.messages, budget.bytes).await?;
+    let messages = rows
         .into_iter()
+        .rev()
         .map(|v| Stored { seq: v.seq, payload: Bytes::from(serde_json::to_vec(&v.msg).expect("serialisable")) })
-        .collect())
-}
-
-/// The newest `limit` of both (a message in both counts once), in seq order.
-fn merge(archived: Vec<Stored>, held: Vec<Stored>, limit: usize) -> Replay {
-    let mut all: Vec<Stored> = archived.into_iter().chain(held).collect();
-    all.sort_by_key(|m| m.seq);
-    all.dedup_by_key(|m| m.seq);
-    let truncated = all.len() > limit;
-    if truncated {
-        all.drain(..all.len() - limit);
-    }
-    let truncated_before = truncated.then(|| all.first().map_or(u64::MAX, |m| m.seq));
-    Replay { messages: all, truncated_before }
+        .collect();
+    Ok((messages, complete))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn stored(seqs: &[u64]) -> Vec<Stored> {
-        seqs.iter().map(|&seq| Stored { seq, payload: Bytes::from(format!("{{\"n\":{seq}}}")) }).collect()
-    }
-
-    fn seqs(r: &Replay) -> Vec<u64> {
-        r.messages.iter().map(|m| m.seq).collect()
-    }
-
     #[test]
-    fn archive_and_stream_join_in_order_each_message_once() {
-        // Archive rows come newest first; the stream's overlap with them counts once.
-        let r = merge(stored(&[9, 7, 4]), stored(&[9, 12, 15]), 10);
-        assert_eq!(seqs(&r), [4, 7, 9, 12, 15]);
-        assert_eq!(r.truncated_before, None);
-    }
-
-    #[test]
-    fn over_the_limit_keeps_the_newest_and_says_where_they_start() {
-        let r = merge(stored(&[9, 7, 4]), stored(&[12, 15]), 3);
-        assert_eq!(seqs(&r), [9, 12, 15]);
-        assert_eq!(r.truncated_before, Some(9));
-        let exactly = merge(stored(&[7, 4]), stored(&[12]), 3);
-        assert_eq!((seqs(&exactly), exactly.truncated_before), (vec![4, 7, 12], None));
+    fn a_budget_is_exceeded_by_count_or_bytes_and_what_is_left_never_underflows() {
+        let b = Budget { messages: 3, bytes: 100 };
+        assert!(!b.exceeded_by(3, 100));
+        assert!(b.exceeded_by(4, 10));
+        assert!(b.exceeded_by(1, 101));
+        let left = b.left_after(2, 150);
+        assert_eq!((left.messages, left.bytes), (1, 0));
     }
 }

@@ -445,6 +445,19 @@ async fn a_resume_from_before_the_room_window_replays_the_archive_then_the_strea
     }
     assert_eq!(over_sse, newest);
 
+    // A byte budget: the newest that fit, from the stream and then the
+    // archive (the stream holds 10 or 11 of these ~80-byte messages).
+    let small = ["--stream-max-per-room", "10", "--limit-replay-bytes", "1600"];
+    let gw3 = spawn_gateway(&s.nats, &s.db, "gw3", &small).await;
+    let mut bob3 = Client::connect(gw3.addr, "bob").await;
+    bob3.send(json!({"type":"join","room":"general","since":since})).await;
+    let joined = bob3.expect("joined").await;
+    let from = joined["truncated_before"].as_u64().unwrap_or_else(|| panic!("cut by bytes: {joined}"));
+    let fit: Vec<u64> = sent.iter().copied().chain([live]).filter(|&q| q >= from).collect();
+    assert!((15..=25).contains(&fit.len()), "about 1 600 bytes of ~80-byte messages: {}", fit.len());
+    assert_eq!(seqs_in_order(&bob3.messages("general", fit.len()).await), fit, "the newest that fit, in order");
+    bob3.expect_silence(Duration::from_millis(300)).await;
+
     // Without the archive (its table renamed away): the stream's part, and
     // where it starts, so the client knows what to page later.
     assert_eventually!(Duration::from_secs(30), chat_stream_state(&js).await.2 == 10, "trimmed again");
