@@ -2,6 +2,7 @@
 //! client protocol (tokens minted with the configured key) and prints one
 //! JSON line per scenario. Scenarios live one per file.
 
+pub mod backlog;
 pub mod churn;
 pub mod fanout;
 pub mod idle;
@@ -58,6 +59,8 @@ pub enum Scenario {
     Churn(churn::ChurnArgs),
     /// A client that missed messages rejoins with `since`.
     Resume(resume::ResumeArgs),
+    /// Members rejoin a room of large messages from `since` 0 and read nothing: the gateway's memory.
+    Backlog(backlog::BacklogArgs),
     /// Status change → remote delivery latency across gateways.
     Presence(presence::PresenceArgs),
     /// Notifier throughput: unread bumps and pushes per second against the push emulator.
@@ -75,6 +78,7 @@ pub async fn run(s: BenchSettings) -> anyhow::Result<()> {
         Scenario::Idle(a) => idle::run(&gateways, &signer, &procs, a).await?,
         Scenario::Churn(a) => churn::run(&gateways, &signer, &procs, a).await?,
         Scenario::Resume(a) => resume::run(&gateways, &signer, a).await?,
+        Scenario::Backlog(a) => backlog::run(&gateways, &signer, &procs, a).await?,
         Scenario::Presence(a) => presence::run(&gateways, &signer, a).await?,
         Scenario::Notifier(a) => notifier::run(&gateways, &signer, &procs, a).await?,
     };

@@ -44,7 +44,7 @@ pub async fn run(gateways: &[String], signer: &Signer, a: ResumeArgs) -> anyhow:
         let since = join(&mut ws, &room, None).await?;
         ws.close(None).await?;
 
-        let seqs = send_all(first, signer, &sender, &room, a.messages).await?;
+        let seqs = send_all(first, signer, &sender, &room, a.messages, |i| format!("missed {i}")).await?;
         tokio::time::sleep(Duration::from_millis(a.away_ms)).await;
 
         let t_connect = Instant::now();
@@ -80,14 +80,22 @@ pub async fn run(gateways: &[String], signer: &Signer, a: ResumeArgs) -> anyhow:
     Ok(out)
 }
 
-/// Sends `n` messages over one socket, pipelined, and answers their seqs in order.
-async fn send_all(gw: &str, signer: &Signer, user: &str, room: &str, n: usize) -> anyhow::Result<Vec<u64>> {
+/// Sends `n` messages over one socket, pipelined, and answers their seqs in
+/// order; `body(i)` is the body of the `i`-th.
+pub async fn send_all(
+    gw: &str,
+    signer: &Signer,
+    user: &str,
+    room: &str,
+    n: usize,
+    body: impl Fn(usize) -> String + Send + 'static,
+) -> anyhow::Result<Vec<u64>> {
     let ws = connect(gw, signer, user).await?;
     let (mut tx, mut rx) = ws.split();
     let room_owned = room.to_owned();
     let writer = tokio::spawn(async move {
         for i in 0..n {
-            let f = json!({"type": "send", "room": room_owned, "id": format!("m{i}"), "body": format!("missed {i}")});
+            let f = json!({"type": "send", "room": room_owned, "id": format!("m{i}"), "body": body(i)});
             tx.send(Message::text(f.to_string())).await?;
         }
         anyhow::Ok(tx)
