@@ -38,6 +38,19 @@ struct BatchRequest<'a> {
 const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest batch asked of the server in one request.
 pub const MAX_BATCH: usize = 512;
+/// Messages asked for in a read's first batch; later batches are sized from
+/// the largest message seen so that one is about [`BATCH_BYTES`]. Batches of
+/// 512 messages of 64 KiB (32 MiB each) let a few concurrent reads pass
+/// nats-server's 64 MiB pending limit for the gateway's connection, which
+/// then cuts it as a slow consumer (measured: BENCHMARKS.md, `bench backlog`).
+pub const FIRST_BATCH: usize = 128;
+const BATCH_BYTES: usize = 1 << 20;
+
+/// The size of the next batch of a read whose largest message so far is
+/// `largest` bytes.
+pub fn next_batch_size(largest: usize) -> usize {
+    (BATCH_BYTES / largest.max(1)).clamp(1, MAX_BATCH)
+}
 
 /// Up to `batch` messages on `subject` with sequence ≥ `from`, in order.
 pub async fn next_batch(client: &Client, subject: &str, from: u64, batch: usize) -> Result<Vec<Stored>, ReadError> {
@@ -80,10 +93,12 @@ pub async fn next_batch(client: &Client, subject: &str, from: u64, batch: usize)
 pub async fn range(client: &Client, subject: &str, after: u64, before: u64) -> Result<Vec<Stored>, ReadError> {
     let mut out = Vec::new();
     let mut from = after + 1;
+    let mut size = FIRST_BATCH;
     while from < before {
-        let want = usize::try_from(before - from).unwrap_or(MAX_BATCH).min(MAX_BATCH);
+        let want = usize::try_from(before - from).unwrap_or(size).min(size);
         let got = next_batch(client, subject, from, want).await?;
         let done = got.len() < want;
+        size = next_batch_size(got.iter().map(|m| m.payload.len()).max().unwrap_or(1));
         for m in got {
             if m.seq >= before {
                 return Ok(out);
@@ -140,4 +155,17 @@ pub async fn newest_before(
     found.reverse();
     found.truncate(limit);
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_of_large_messages_stay_near_a_mebibyte() {
+        assert_eq!(next_batch_size(200), MAX_BATCH, "small messages: the largest batch");
+        assert_eq!(next_batch_size(60_000), 17);
+        assert_eq!(next_batch_size(4 << 20), 1, "a message beyond the target still comes, one at a time");
+        assert_eq!(next_batch_size(0), MAX_BATCH);
+    }
 }

@@ -35,11 +35,6 @@ use super::AppState;
 
 /// Reads of the stream tried before giving up while trims keep passing them.
 const ATTEMPTS: usize = 5;
-/// Messages asked for in the first batch read; later ones are sized from
-/// the largest message seen so that a batch is about [`BATCH_BYTES`]: a
-/// batch of 512 messages of 64 KiB would be 32 MiB on top of the budget.
-const FIRST_BATCH: usize = 128;
-const BATCH_BYTES: usize = 1 << 20;
 
 /// Messages to send before going live.
 #[derive(Debug, Default)]
@@ -141,7 +136,7 @@ async fn from_stream(
     let mut held =
         Held { messages: VecDeque::new(), bytes: 0, dropped: false, had_since: false, trimmed_during_read: false };
     let mut batches = 0;
-    let mut want = FIRST_BATCH;
+    let mut want = directget::FIRST_BATCH;
     let mut largest = 1;
     loop {
         let got = directget::next_batch(nats, subject, from, want).await?;
@@ -149,7 +144,7 @@ async fn from_stream(
         let full = got.len() == want;
         oldest = oldest.or(got.first().map(|m| m.seq));
         largest = got.iter().map(|m| m.payload.len()).fold(largest, usize::max);
-        want = (BATCH_BYTES / largest).clamp(1, directget::MAX_BATCH);
+        want = directget::next_batch_size(largest);
         for m in got {
             from = m.seq + 1;
             if m.seq > last {
