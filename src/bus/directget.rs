@@ -91,7 +91,20 @@ pub async fn next_batch(client: &Client, subject: &str, from: u64, batch: usize)
 
 /// Every message on `subject` with `after < seq < before`, in order.
 pub async fn range(client: &Client, subject: &str, after: u64, before: u64) -> Result<Vec<Stored>, ReadError> {
-    let mut out = Vec::new();
+    range_newest(client, subject, after, before, usize::MAX).await
+}
+
+/// The newest `keep` messages on `subject` with `after < seq < before`, in
+/// order. The range is read forwards; only `keep` messages and one batch are
+/// held at a time.
+async fn range_newest(
+    client: &Client,
+    subject: &str,
+    after: u64,
+    before: u64,
+    keep: usize,
+) -> Result<Vec<Stored>, ReadError> {
+    let mut out = std::collections::VecDeque::new();
     let mut from = after + 1;
     let mut size = FIRST_BATCH;
     while from < before {
@@ -101,16 +114,19 @@ pub async fn range(client: &Client, subject: &str, after: u64, before: u64) -> R
         size = next_batch_size(got.iter().map(|m| m.payload.len()).max().unwrap_or(1));
         for m in got {
             if m.seq >= before {
-                return Ok(out);
+                return Ok(out.into());
             }
             from = m.seq + 1;
-            out.push(m);
+            if out.len() == keep {
+                out.pop_front();
+            }
+            out.push_back(m);
         }
         if done {
             break;
         }
     }
-    Ok(out)
+    Ok(out.into())
 }
 
 /// Sequence of the last message on `subject`, 0 when there is none.
@@ -146,7 +162,7 @@ pub async fn newest_before(
     let mut found: Vec<Stored> = Vec::new();
     while found.len() < limit && hi > first {
         let lo = hi.saturating_sub(window).max(first);
-        let mut chunk = range(client, subject, lo - 1, hi).await?;
+        let mut chunk = range_newest(client, subject, lo - 1, hi, limit - found.len()).await?;
         chunk.extend(found);
         found = chunk;
         hi = lo;
