@@ -175,7 +175,8 @@ function onFrame(f) {
     case "room_added": return loadRooms();
     case "room_removed": return onRoomRemoved(f.room);
     case "error": return onError(f);
-    default: return undefined; // joined, left, pong, refreshed
+    case "joined": return onJoined(f);
+    default: return undefined; // left, pong, refreshed
   }
 }
 
@@ -186,6 +187,19 @@ function onWelcome() {
   if (users.length) send({ type: "presence_sub", users });
   if (s.transport.kind === "sse") pollPresence();
   for (const [id, p] of s.pending) if (!p.failed) sendPending(id, p);
+}
+
+/**
+ * A resume that skipped messages (more than the gateway replays) starts at
+ * `truncated_before`: what we hold below it is cut off from what follows,
+ * so drop it and let scrolling up page the gap from the history.
+ */
+function onJoined(f) {
+  const room = s.rooms.get(f.room);
+  if (!room || f.truncated_before == null) return;
+  for (const seq of [...room.msgs.keys()]) if (seq < f.truncated_before) room.msgs.delete(seq);
+  room.hasOlder = true;
+  if (room.id === s.active) renderMessages(room);
 }
 
 function joinRoom(room) {

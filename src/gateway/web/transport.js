@@ -223,6 +223,7 @@ export class SseTransport {
     es.addEventListener("message", relay("message"));
     es.addEventListener("typing", relay("typing"));
     es.addEventListener("read", relay("read"));
+    es.addEventListener("joined", relay("joined")); // only when the resume skipped messages
     es.onopen = () => {
       this.attempt = 0;
       this.open = true;
