@@ -168,6 +168,30 @@ try {
   log("ok: missed message shown exactly once, seqs", seqs.join(","));
   await shot(alice, "5-alice-resumed");
 
+  // --- away again while bob writes more than a resume replays (the gateways run --limit-replay 3) ---
+  await ctxA.setOffline(true);
+  await until(alice, "alice shows offline (again)", () =>
+    document.querySelector('[data-testid="conn-state"]').dataset.state === "offline");
+  for (let i = 1; i <= 5; i++) {
+    await say(bob, `gap ${i}`);
+    await hasMessage(bob, "bob (acked)", `gap ${i}`);
+  }
+  await ctxA.setOffline(false);
+  await online(alice, "alice (after the gap)");
+  await hasMessage(alice, "alice (the newest three, replayed)", "gap 5");
+  await until(alice, "alice holds only what follows the cut, with a load-older button", () => {
+    const bodies = [...document.querySelectorAll('[data-testid="message-body"]')].map((e) => e.textContent);
+    return bodies.join("|") === "gap 3|gap 4|gap 5" && !document.querySelector('[data-testid="load-older"]').hidden;
+  });
+  await alice.locator(id("load-older")).click();
+  await until(alice, "alice pages the gap: every message once, in order", () => {
+    const bodies = [...document.querySelectorAll('[data-testid="message-body"]')].map((e) => e.textContent);
+    const seqs = [...document.querySelectorAll('[data-testid="message"]')].map((li) => Number(li.dataset.seq));
+    return bodies.join("|") === "hello bob|while you were away|welcome back|gap 1|gap 2|gap 3|gap 4|gap 5"
+      && seqs.every((s, i) => i === 0 || s > seqs[i - 1]);
+  });
+  log("ok: a resume cut at 3 showed the newest three, then the gap paged in order");
+
   // --- bob leaves: alice sees him offline after the presence grace -----------------------------
   await ctxB.close();
   delete pages.bob;

@@ -47,7 +47,9 @@ fn browser_tools() -> (PathBuf, PathBuf) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_between_two_gateways_in_a_browser() {
     let (chromium, modules) = browser_tools();
-    let dev = ["--dev", "--presence-grace", "1s"];
+    // A resume replays at most 3 messages here, so the page's handling of a
+    // cut replay (`truncated_before`) is exercised.
+    let dev = ["--dev", "--presence-grace", "1s", "--limit-replay", "3"];
     let s = Stack::with(&dev, &dev).await;
     let artifacts = artifacts_dir();
     let _ = std::fs::remove_dir_all(&artifacts);

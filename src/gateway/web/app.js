@@ -197,7 +197,11 @@ function onWelcome() {
 function onJoined(f) {
   const room = s.rooms.get(f.room);
   if (!room || f.truncated_before == null) return;
-  for (const seq of [...room.msgs.keys()]) if (seq < f.truncated_before) room.msgs.delete(seq);
+  for (const seq of [...room.msgs.keys()]) {
+    if (seq >= f.truncated_before) continue;
+    room.msgs.delete(seq);
+    if (room.id === s.active) dropRendered(seq);
+  }
   room.hasOlder = true;
   if (room.id === s.active) renderMessages(room);
 }
