@@ -50,11 +50,61 @@ pub fn chat_config(s: &NatsSettings) -> Config {
     }
 }
 
+/// Seqs left unused after the archive's highest when the CHAT stream is made
+/// anew: room for messages the lost stream held and the archive had not
+/// copied yet, whose seqs clients may hold as `since`.
+pub const RECREATED_SEQ_MARGIN: u64 = 1_000_000;
+
 /// Makes the CHAT stream exist with our settings, and returns its handle.
-pub async fn ensure_chat(js: &jetstream::Context, s: &NatsSettings) -> anyhow::Result<jetstream::stream::Stream> {
+///
+/// A stream made anew while the archive holds messages (the stream was
+/// lost) starts after them: at `archived_up_to().await + 1 +`
+/// [`RECREATED_SEQ_MARGIN`]. Seqs are room positions that clients keep as
+/// `since` and the archive keys on; starting again at 1 would make every
+/// client drop new messages up to its old `since`, and the archive would
+/// keep the old message of each reused seq instead of the new one.
+pub async fn ensure_chat<F, Fut>(
+    js: &jetstream::Context,
+    s: &NatsSettings,
+    archived_up_to: F,
+) -> anyhow::Result<jetstream::stream::Stream>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u64>>,
+{
     check_room_limits(s)?;
+    let existing = super::setup(js, |js| async move {
+        match js.get_stream(CHAT_STREAM).await {
+            Ok(stream) => Ok(Some(stream.cached_info().config.first_sequence)),
+            Err(e) => match e.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Ok(None)
+                }
+                _ => Err(e),
+            },
+        }
+    })
+    .await
+    .context("cannot look up the CHAT stream (is JetStream enabled?)")?;
+    let first_sequence = match existing {
+        Some(kept) => kept,
+        None => match archived_up_to().await? {
+            0 => None,
+            up_to => {
+                let first = up_to + 1 + RECREATED_SEQ_MARGIN;
+                tracing::warn!(
+                    archived_up_to = up_to,
+                    first_seq = first,
+                    "making the CHAT stream anew after the archive"
+                );
+                Some(first)
+            }
+        },
+    };
     super::setup(js, |js| {
-        let config = chat_config(s);
+        let config = jetstream::stream::Config { first_sequence, ..chat_config(s) };
         async move { js.create_or_update_stream(config).await }
     })
     .await

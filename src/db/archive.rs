@@ -60,6 +60,13 @@ struct Row {
     attachment: Option<String>,
 }
 
+/// The highest seq in the archive, 0 when it is empty. A scan of the
+/// primary key: asked only when the CHAT stream is made anew.
+pub async fn highest_seq(pool: &PgPool) -> sqlx::Result<u64> {
+    let seq: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM messages").fetch_one(pool).await?;
+    Ok(seq.map_or(0, |s| s as u64))
+}
+
 /// The seq of a room's `n`-th newest archived message (`n` from 1), if the
 /// archive holds that many of the room.
 pub async fn nth_newest_seq(pool: &PgPool, room: &str, n: u64) -> sqlx::Result<Option<u64>> {

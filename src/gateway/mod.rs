@@ -118,7 +118,10 @@ impl Gateway {
         let (nats, mut reconnects) = bus::connect(&settings.nats, &format!("natter-gateway-{node}")).await?;
         reconnects.mark_unchanged();
         let js = jetstream::new(nats.clone());
-        let stream = bus::streams::ensure_chat(&js, &settings.nats).await?;
+        let stream = bus::streams::ensure_chat(&js, &settings.nats, || async {
+            crate::db::archive::highest_seq(&db).await.context("cannot read the archive's highest seq")
+        })
+        .await?;
         bus::presence::ensure_bucket(&js, &settings.nats).await?;
         let attachments = bus::objects::ensure_attachments(&js, &settings.nats).await?;
         let listener = TcpListener::bind(settings.listen)

@@ -521,6 +521,45 @@ async fn a_trim_during_a_resume_costs_the_resume_nothing() {
     }
 }
 
+/// The CHAT stream lost (deleted here) and made anew by a gateway that
+/// starts: its seqs continue after the archive's, so a client resuming with
+/// an old `since` gets the new messages (from 1 again, the gateway would drop
+/// them as already seen), and the archive keeps both old and new (a reused
+/// seq would keep the old message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_stream_made_anew_continues_after_the_archive() {
+    let s = Stack::start().await;
+    let js = observer(&s.nats).await;
+    let emu = TestEmulator::start(&[]).await;
+    let first = spawn_notifier(&s.nats, &s.db, &emu, &[]).await;
+    let base = s.gw1.http();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    let old = flood(&base, "general", 20).await;
+    let since = *old.iter().max().unwrap();
+    let pool = s.db.pool().await;
+    let archived =
+        || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap() };
+    assert_eventually!(Duration::from_secs(20), archived().await == 20, "archived");
+    first.stop().await;
+
+    js.delete_stream("CHAT").await.unwrap();
+    let gw3 = spawn_gateway(&s.nats, &s.db, "gw3", &[]).await;
+    let (first_seq, _, held) = chat_stream_state(&js).await;
+    assert_eq!(held, 0);
+    assert!(first_seq > since + 1, "seqs continue after the archive's {since}: first {first_seq}");
+    let _second = spawn_notifier(&s.nats, &s.db, &emu, &[]).await;
+
+    let mut bob = Client::connect(gw3.addr, "bob").await;
+    bob.join("general", Some(since)).await;
+    let new = post_message(&gw3.http(), "alice", "general", "after-loss", "after the loss").await;
+    assert!(new > since, "{new} after {since}");
+    let got = bob.messages("general", 1).await;
+    assert_eq!((got[0]["seq"].as_u64(), got[0]["body"].as_str()), (Some(new), Some("after the loss")));
+    assert_eventually!(Duration::from_secs(20), archived().await == 21, "the new message archived beside the old");
+    let h = get_json(format!("{}/v1/rooms/general/messages?limit=100", gw3.http()), "bob").await;
+    assert_eq!(h["messages"].as_array().unwrap().len(), 21, "history: the new message, then the archive's 20");
+}
+
 /// Sends `n` messages over HTTP, 16 at a time; returns their seqs.
 async fn flood(base: &str, room: &str, n: usize) -> Vec<u64> {
     use futures::StreamExt;

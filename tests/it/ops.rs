@@ -183,7 +183,9 @@ fn settings(nats: &ConfiguredNats) -> NatsSettings {
 /// and the presence bucket (per-key TTL, limit markers, republish).
 async fn gateway_setup(nats: &ConfiguredNats, gw: &User) -> kv::Store {
     let js = gw.js();
-    natter::bus::streams::ensure_chat(&js, &settings(nats)).await.expect("gateway creates the CHAT stream");
+    natter::bus::streams::ensure_chat(&js, &settings(nats), || async { Ok(0) })
+        .await
+        .expect("gateway creates the CHAT stream");
     presence::ensure_bucket(&js, &settings(nats)).await.expect("gateway creates the presence bucket");
     js.get_key_value("presence").await.expect("gateway opens the presence bucket")
 }
