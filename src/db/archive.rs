@@ -79,21 +79,13 @@ pub async fn nth_newest_seq(pool: &PgPool, room: &str, n: u64) -> sqlx::Result<O
     Ok(seq.map(|s| s as u64))
 }
 
-/// Up to `limit` archived messages of a room with `after < seq < before`,
-/// newest first.
-pub async fn newest_between(
-    pool: &PgPool,
-    room: &str,
-    after: u64,
-    before: u64,
-    limit: usize,
-) -> sqlx::Result<Vec<MessageView>> {
+/// Up to `limit` archived messages of a room below `before`, newest first.
+pub async fn newest_before(pool: &PgPool, room: &str, before: u64, limit: usize) -> sqlx::Result<Vec<MessageView>> {
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT seq, id, sender, ts, body, kind, attachment FROM messages
-         WHERE room_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq DESC LIMIT $4",
+         WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
     )
     .bind(room)
-    .bind(i64::try_from(after).unwrap_or(i64::MAX))
     .bind(i64::try_from(before).unwrap_or(i64::MAX))
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .fetch_all(pool)

@@ -321,7 +321,7 @@ async fn history(
         .collect();
     // What the stream no longer keeps comes from the archive.
     if messages.len() < limit {
-        let older = db::archive::newest_between(&state.db, room.as_str(), 0, oldest, limit - messages.len()).await?;
+        let older = db::archive::newest_before(&state.db, room.as_str(), oldest, limit - messages.len()).await?;
         messages.extend(older);
     }
     Ok(Json(json!({ "messages": messages })))

@@ -277,9 +277,7 @@ const HAND_BACK_MAX: Duration = Duration::from_secs(1);
 /// (a nak) for another replica, which gets it within `HAND_BACK_MAX` instead
 /// of after the ack wait. The nak's delay keeps this replica's pull, still
 /// open meanwhile, from taking it again.
-async fn hand_back<E: std::fmt::Display>(
-    pulled: &mut (impl futures::Stream<Item = Vec<Result<jetstream::Message, E>>> + Unpin),
-) {
+async fn hand_back<E>(pulled: &mut (impl futures::Stream<Item = Vec<Result<jetstream::Message, E>>> + Unpin)) {
     let until = tokio::time::Instant::now() + HAND_BACK_MAX;
     let mut handed = 0usize;
     loop {

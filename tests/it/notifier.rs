@@ -580,26 +580,12 @@ fn pushed_seqs(reqs: &[Value]) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notifier_killed_mid_batch_loses_no_push_and_counts_nothing_twice() {
-    let s = Stack::start().await;
-    let emu = TestEmulator::start(&["--latency", "20ms"]).await;
-    let base = s.gw1.http();
-    create_room(&base, "alice", "general", &["bob"]).await;
-    register(&base, "bob", "fcm", ANDROID).await;
     let extra = ["--notifier-ack-wait", "2s", "--notifier-batch", "50", "--push-concurrency", "4"];
-    let mut first = NotifierProcess::start(&s.nats, &s.db, &emu, &extra).await;
-    let seqs = flood(&base, "general", 300).await;
-    assert_eventually!(Duration::from_secs(20), emu.delivered_to(ANDROID).await.len() >= 30, "pushing has begun");
+    let mut r = MidStream::start().await;
+    let mut first = NotifierProcess::start(&r.s.nats, &r.s.db, &r.emu, &extra).await;
+    r.send_until_pushing(300, 30).await;
     first.kill9();
-    let before = emu.delivered_to(ANDROID).await.len();
-    assert!(before < 300, "killed mid-way ({before} of 300 pushed)");
-    let _second = spawn_notifier(&s.nats, &s.db, &emu, &extra).await;
-    let want: HashSet<u64> = seqs.iter().copied().collect();
-    assert_eventually!(
-        Duration::from_secs(30),
-        pushed_seqs(&emu.delivered_to(ANDROID).await).into_iter().collect::<HashSet<_>>() == want,
-        "every message pushed at least once"
-    );
-    assert_eq!(unread_total(&base, "bob").await, 300, "each message counted exactly once");
+    r.the_next_replica_finishes(&extra, Duration::from_secs(30)).await;
 }
 
 /// A notifier stopped gracefully (a rolling update) finishes the batches in
@@ -607,26 +593,58 @@ async fn a_notifier_killed_mid_batch_loses_no_push_and_counts_nothing_twice() {
 /// next replica pushes those at once, not after the ack wait (60 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notifier_stopped_mid_stream_hands_back_what_it_had_not_started() {
-    let s = Stack::start().await;
-    let emu = TestEmulator::start(&["--latency", "20ms"]).await;
-    let base = s.gw1.http();
-    create_room(&base, "alice", "general", &["bob"]).await;
-    register(&base, "bob", "fcm", ANDROID).await;
     let extra = ["--notifier-ack-wait", "60s", "--notifier-batch", "50", "--push-concurrency", "4"];
-    let first = spawn_notifier(&s.nats, &s.db, &emu, &extra).await;
-    let seqs = flood(&base, "general", 600).await;
-    assert_eventually!(Duration::from_secs(20), emu.delivered_to(ANDROID).await.len() >= 50, "pushing has begun");
+    let mut r = MidStream::start().await;
+    let first = spawn_notifier(&r.s.nats, &r.s.db, &r.emu, &extra).await;
+    r.send_until_pushing(600, 50).await;
     first.stop().await;
-    let before = emu.delivered_to(ANDROID).await.len();
-    assert!(before < 600, "stopped mid-way ({before} of 600 pushed)");
-    let _second = spawn_notifier(&s.nats, &s.db, &emu, &extra).await;
-    let want: HashSet<u64> = seqs.iter().copied().collect();
-    assert_eventually!(
-        Duration::from_secs(20),
-        pushed_seqs(&emu.delivered_to(ANDROID).await).into_iter().collect::<HashSet<_>>() == want,
-        "every message pushed well within the ack wait"
-    );
-    assert_eq!(unread_total(&base, "bob").await, 600, "each message counted once");
+    r.the_next_replica_finishes(&extra, Duration::from_secs(20)).await;
+}
+
+/// A room whose member bob is offline with an Android device, and an
+/// emulator that answers after 20 ms: for replacing a notifier replica in
+/// the middle of its work.
+struct MidStream {
+    s: Stack,
+    emu: TestEmulator,
+    seqs: Vec<u64>,
+}
+
+impl MidStream {
+    /// Everything but the first replica, which the test starts.
+    async fn start() -> Self {
+        let s = Stack::start().await;
+        let emu = TestEmulator::start(&["--latency", "20ms"]).await;
+        create_room(&s.gw1.http(), "alice", "general", &["bob"]).await;
+        register(&s.gw1.http(), "bob", "fcm", ANDROID).await;
+        Self { s, emu, seqs: Vec::new() }
+    }
+
+    /// Sends `n` messages and waits until `begun` of them are pushed.
+    async fn send_until_pushing(&mut self, n: usize, begun: usize) {
+        self.seqs = flood(&self.s.gw1.http(), "general", n).await;
+        assert_eventually!(
+            Duration::from_secs(20),
+            self.emu.delivered_to(ANDROID).await.len() >= begun,
+            "pushing has begun"
+        );
+    }
+
+    /// With the first replica gone mid-way, a second one pushes every
+    /// message within `within` and counts each once.
+    async fn the_next_replica_finishes(&self, extra: &[&str], within: Duration) {
+        let n = self.seqs.len();
+        let before = self.emu.delivered_to(ANDROID).await.len();
+        assert!(before < n, "replaced mid-way ({before} of {n} pushed)");
+        let _second = spawn_notifier(&self.s.nats, &self.s.db, &self.emu, extra).await;
+        let want: HashSet<u64> = self.seqs.iter().copied().collect();
+        assert_eventually!(
+            within,
+            pushed_seqs(&self.emu.delivered_to(ANDROID).await).into_iter().collect::<HashSet<_>>() == want,
+            "every message pushed at least once, in time"
+        );
+        assert_eq!(unread_total(&self.s.gw1.http(), "bob").await, n as i64, "each message counted exactly once");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
