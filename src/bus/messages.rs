@@ -26,6 +26,11 @@ pub struct Published {
 pub enum PublishError {
     #[error("message not stored: {0}")]
     NotStored(String),
+    /// Nothing answered for the room's subject: the CHAT stream is gone (its
+    /// replicas were lost, or it was deleted). A gateway makes it again
+    /// (`AppState::repair_chat`) and the client resends.
+    #[error("message not stored: the CHAT stream is gone")]
+    NoStream,
 }
 
 pub struct NewMessage<'a> {
@@ -68,7 +73,10 @@ pub async fn confirm(
     ts: i64,
     fut: jetstream::context::PublishAckFuture,
 ) -> Result<Published, PublishError> {
-    let ack = fut.await.map_err(|e| PublishError::NotStored(e.to_string()))?;
+    let ack = fut.await.map_err(|e| match e.kind() {
+        jetstream::context::PublishErrorKind::StreamNotFound => PublishError::NoStream,
+        _ => PublishError::NotStored(e.to_string()),
+    })?;
     if !ack.duplicate {
         return Ok(Published { seq: ack.sequence, ts, duplicate: false });
     }

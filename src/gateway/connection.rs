@@ -702,12 +702,11 @@ impl Session<'_> {
         .map_err(|e| ApiError::unavailable("message stream", e))?;
         // The publish is issued in order; its ack is awaited off the read path.
         let conn = self.conn.clone();
-        let stream = self.state.stream.clone();
-        let metrics = self.state.metrics.clone();
+        let state = self.state.clone();
         tokio::spawn(async move {
-            let frame = match messages::confirm(&stream, ts, fut).await {
+            let frame = match state.confirm_send(ts, fut).await {
                 Ok(p) => {
-                    metrics.publish_latency.observe(started.elapsed().as_secs_f64());
+                    state.metrics.publish_latency.observe(started.elapsed().as_secs_f64());
                     ServerFrame::Ack { id: id.as_str(), room: room.as_str(), seq: p.seq, ts: p.ts }.encode()
                 }
                 Err(e) => {

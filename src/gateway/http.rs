@@ -351,7 +351,7 @@ async fn send_message(
     let attachment = attachments::check_for_message(&state, &room, req.kind, req.attachment).await?;
     let new = NewMessage { room: &room, from: &me.user, id: &msg_id, body: req.body, kind: req.kind, attachment };
     let (ts, fut) = messages::publish(&state.js, new).await.map_err(|e| ApiError::unavailable("message stream", e))?;
-    let p = messages::confirm(&state.stream, ts, fut).await.map_err(|e| ApiError::unavailable("message stream", e))?;
+    let p = state.confirm_send(ts, fut).await.map_err(|e| ApiError::unavailable("message stream", e))?;
     let status = if p.duplicate { StatusCode::OK } else { StatusCode::CREATED };
     let out = json!({"room": room, "seq": p.seq, "ts": p.ts, "id": msg_id, "duplicate": p.duplicate});
     Ok((status, Json(out)).into_response())

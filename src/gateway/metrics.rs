@@ -58,6 +58,8 @@ pub struct Metrics {
     pub live_unrouted: Counter,
     /// Presence changes written by this gateway.
     pub presence_updates: Counter,
+    /// Times a send found the CHAT stream gone and this gateway made it again.
+    pub stream_repairs: Counter,
     /// PostgreSQL pool connections by state (`idle`, `used`), read at scrape.
     pub db_pool: Family<StateLabel, Gauge>,
     /// Rooms with a member on this gateway (each a room task, and with
@@ -83,6 +85,7 @@ impl Default for Metrics {
             gap_repairs: Counter::default(),
             live_unrouted: Counter::default(),
             presence_updates: Counter::default(),
+            stream_repairs: Counter::default(),
             db_pool: Family::default(),
             rooms: Gauge::default(),
             presence_watches: Gauge::default(),
@@ -109,6 +112,11 @@ impl Metrics {
             self.live_unrouted.clone(),
         );
         r.register("presence_updates", "Presence changes written", self.presence_updates.clone());
+        r.register(
+            "stream_repairs",
+            "Times a send found the CHAT stream gone and this gateway made it again",
+            self.stream_repairs.clone(),
+        );
 
         r.register("db_pool_connections", "PostgreSQL pool connections by state", self.db_pool.clone());
         r.register("rooms", "Rooms with a member on this gateway", self.rooms.clone());

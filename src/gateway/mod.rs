@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::Verifier,
-    bus,
+    bus::{self, messages},
     config::{GatewaySettings, PresenceSubscriptions, RoomSubscriptions},
     ids::NodeId,
 };
@@ -95,11 +95,55 @@ pub struct Shared {
     /// Mints `POST /v1/dev/token` tokens; `None` unless `--dev` (and HS256).
     pub dev_signer: Option<Arc<crate::auth::Signer>>,
     next_conn: Arc<AtomicU64>,
+    /// When this gateway last made the CHAT stream again (`repair_chat`).
+    chat_repaired: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// The least time between two repairs of the CHAT stream by one gateway.
+const CHAT_REPAIR_EVERY: Duration = Duration::from_secs(1);
 
 impl Shared {
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Waits for a send's ack ([`messages::confirm`]). When the CHAT stream
+    /// turns out to be gone, this gateway makes it again before answering,
+    /// so that the client's resend (same id) is stored.
+    pub async fn confirm_send(
+        &self,
+        ts: i64,
+        ack: jetstream::context::PublishAckFuture,
+    ) -> Result<messages::Published, messages::PublishError> {
+        let confirmed = messages::confirm(&self.stream, ts, ack).await;
+        if matches!(confirmed, Err(messages::PublishError::NoStream)) {
+            self.repair_chat().await;
+        }
+        confirmed
+    }
+
+    /// Makes the CHAT stream again after it was lost (every replica's
+    /// storage) or deleted, as at start: its seqs continue after the
+    /// archive's. One repair at a time (a send that finds one running returns
+    /// at once), at most one per [`CHAT_REPAIR_EVERY`]. The rooms'
+    /// subscriptions and this gateway's stream handle go by name, so nothing
+    /// else needs a restart; the notifiers bind their consumers again.
+    async fn repair_chat(&self) {
+        let Ok(mut last) = self.chat_repaired.try_lock() else { return };
+        if last.is_some_and(|t| t.elapsed() < CHAT_REPAIR_EVERY) {
+            return;
+        }
+        *last = Some(tokio::time::Instant::now());
+        let archived_up_to = || async {
+            crate::db::archive::highest_seq(&self.db).await.context("cannot read the archive's highest seq")
+        };
+        match bus::streams::ensure_chat(&self.js, &self.settings.nats, archived_up_to).await {
+            Ok(_) => {
+                self.metrics.stream_repairs.inc();
+                tracing::warn!("a send found the CHAT stream gone: made it again");
+            }
+            Err(e) => tracing::error!(error = format!("{e:#}"), "the CHAT stream is gone and cannot be made again"),
+        }
     }
 }
 
@@ -174,6 +218,7 @@ impl Gateway {
             accepting: Arc::new(AtomicBool::new(true)),
             dev_signer,
             next_conn: Arc::new(AtomicU64::new(1)),
+            chat_repaired: tokio::sync::Mutex::new(None),
         }));
         tokio::spawn(resync_on_reconnect(reconnects, state.hub.clone(), state.presence.clone()));
         let timing = keepalive::Timing {

@@ -27,7 +27,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    bus::{self, subjects},
+    bus::{
+        self,
+        subjects::{self, ARCHIVER_CONSUMER, NOTIFIER_CONSUMER},
+    },
     config::NotifierSettings,
     push::Pushers,
 };
@@ -97,14 +100,14 @@ impl Notifier {
         let Some(stream) = wait_for_stream(&js, &stop).await else {
             return Ok(());
         };
-        let notifier = bind(&stream, notifier_consumer(&shared.settings)).await?;
+        let notifier = Binding::new(&js, &stream, notifier_consumer(&shared.settings)).await?;
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(consume(shared.clone(), notifier.clone(), stop.clone(), deliver::handle));
-        tasks.spawn(lag_gauge(shared.clone(), notifier, stop.clone()));
+        tasks.spawn(lag_gauge(shared.clone(), stream.clone(), NOTIFIER_CONSUMER, stop.clone()));
+        tasks.spawn(consume(shared.clone(), notifier, stop.clone(), deliver::handle));
         if shared.settings.archive {
-            let archiver = bind(&stream, archiver_consumer()).await?;
-            tasks.spawn(consume(shared.clone(), archiver.clone(), stop.clone(), archive::handle));
-            tasks.spawn(lag_gauge(shared.clone(), archiver, stop.clone()));
+            let archiver = Binding::new(&js, &stream, archiver_consumer()).await?;
+            tasks.spawn(lag_gauge(shared.clone(), stream.clone(), ARCHIVER_CONSUMER, stop.clone()));
+            tasks.spawn(consume(shared.clone(), archiver, stop.clone(), archive::handle));
             tasks.spawn(trim::run(shared.clone(), stream.clone(), stop.clone()));
         }
         ready_tx.send_replace(true);
@@ -139,8 +142,83 @@ async fn wait_for_stream(js: &jetstream::Context, stop: &CancellationToken) -> O
     }
 }
 
-async fn bind(stream: &jetstream::stream::Stream, config: pull::Config) -> anyhow::Result<PullConsumer> {
+/// A durable consumer on the CHAT stream, bound again when it is gone: the
+/// stream was lost and a gateway made it anew, or the consumer was deleted.
+/// Running replicas carry on without a restart.
+struct Binding {
+    js: jetstream::Context,
+    config: pull::Config,
+    /// When the stream bound on was created. A stream created later was made
+    /// anew, and every message in it is new to this consumer.
+    stream_created: async_nats::datetime::DateTime,
+    consumer: PullConsumer,
+}
+
+impl Binding {
+    async fn new(
+        js: &jetstream::Context,
+        stream: &jetstream::stream::Stream,
+        config: pull::Config,
+    ) -> anyhow::Result<Self> {
+        let consumer = bind(stream, config.clone(), false).await?;
+        let stream_created = stream.cached_info().created;
+        Ok(Self { js: js.clone(), config, stream_created, consumer })
+    }
+
+    /// Binds again, waiting for the stream to exist; `false` at stop.
+    async fn rebind(&mut self, stop: &CancellationToken) -> bool {
+        let name = self.config.durable_name.clone().unwrap_or_default();
+        let mut logged = false;
+        loop {
+            match self.try_rebind().await {
+                Ok(true) => {
+                    tracing::warn!(consumer = name, "the CHAT stream was made anew: consumer bound from its start");
+                    return true;
+                }
+                Ok(false) => return true,
+                Err(e) if !logged => {
+                    tracing::warn!(consumer = name, error = format!("{e:#}"), "cannot bind the consumer; retrying");
+                    logged = true;
+                }
+                Err(_) => {}
+            }
+            pause(stop, Duration::from_secs(1)).await;
+            if stop.is_cancelled() {
+                return false;
+            }
+        }
+    }
+
+    /// Whether the stream was made anew since the last bind.
+    async fn try_rebind(&mut self) -> anyhow::Result<bool> {
+        let stream = self.js.get_stream(subjects::CHAT_STREAM).await?;
+        let created = stream.cached_info().created;
+        let anew = created != self.stream_created;
+        self.consumer = bind(&stream, self.config.clone(), anew).await?;
+        self.stream_created = created;
+        Ok(anew)
+    }
+}
+
+/// Creates the consumer, or updates an existing one to `config` while
+/// keeping where it delivers from (the server refuses to change that). A
+/// consumer made on a stream `made_anew` delivers all of it: those messages
+/// were sent after the loss, and none was pushed yet.
+async fn bind(
+    stream: &jetstream::stream::Stream,
+    mut config: pull::Config,
+    made_anew: bool,
+) -> anyhow::Result<PullConsumer> {
     let name = config.durable_name.clone().unwrap_or_default();
+    match stream.consumer_info(&name).await {
+        Ok(existing) => config.deliver_policy = existing.config.deliver_policy,
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+            if made_anew {
+                config.deliver_policy = DeliverPolicy::All;
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot look up the consumer {name:?}")),
+    }
     stream.create_consumer(config).await.with_context(|| format!("cannot create or bind the consumer {name:?}"))
 }
 
@@ -178,9 +256,15 @@ fn archiver_consumer() -> pull::Config {
 }
 
 /// Keeps `natter_consumer_lag{consumer}` current (what KEDA / the HPA scale on).
-async fn lag_gauge(shared: Arc<Shared>, mut consumer: PullConsumer, stop: CancellationToken) {
+/// Looked up by name each time: the consumer may have been bound anew.
+async fn lag_gauge(
+    shared: Arc<Shared>,
+    stream: jetstream::stream::Stream,
+    name: &'static str,
+    stop: CancellationToken,
+) {
     loop {
-        if let Ok(info) = consumer.info().await {
+        if let Ok(info) = stream.consumer_info(name).await {
             let labels = metrics::ConsumerLabels { consumer: info.name.clone() };
             shared.metrics.consumer_lag.get_or_create(&labels).set(info.num_pending as i64);
         }
@@ -220,7 +304,7 @@ async fn metrics_text(State(h): State<Health>) -> impl IntoResponse {
 /// finished first). `handle` acks or naks every message it gets, and may ask
 /// for a pause (e.g. PostgreSQL is down) before the next batch is taken; the
 /// batches in hand go on meanwhile, and while the pull is set up again.
-async fn consume<F, Fut>(shared: Arc<Shared>, consumer: PullConsumer, stop: CancellationToken, handle: F)
+async fn consume<F, Fut>(shared: Arc<Shared>, mut binding: Binding, stop: CancellationToken, handle: F)
 where
     F: Fn(Arc<Shared>, Vec<jetstream::Message>) -> Fut,
     Fut: std::future::Future<Output = Option<Duration>>,
@@ -228,13 +312,21 @@ where
     let batch = shared.settings.batch;
     let pipeline = shared.settings.pipeline.max(1);
     let mut in_hand = InHand::new();
+    // The consumer or its stream may be gone: bind again before the next pull.
+    let mut lost = false;
     'connect: while !stop.is_cancelled() {
-        let pull = consumer.stream().max_messages_per_batch(batch).messages();
+        if std::mem::take(&mut lost) {
+            in_hand.alongside(pause(&stop, Duration::from_secs(1))).await;
+            if !in_hand.alongside(binding.rebind(&stop)).await {
+                break;
+            }
+        }
+        let pull = binding.consumer.stream().max_messages_per_batch(batch).messages();
         let messages = match in_hand.alongside(pull).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot pull from the consumer; retrying");
-                in_hand.alongside(pause(&stop, Duration::from_secs(1))).await;
+                lost = true;
                 continue;
             }
         };
@@ -256,16 +348,32 @@ where
                 c = chunks.next(), if !in_hand.paused && in_hand.futs.len() < pipeline => c,
             };
             let Some(chunk) = chunk else { continue 'connect };
-            let msgs: Vec<_> = chunk
-                .into_iter()
-                .filter_map(|m| m.map_err(|e| tracing::debug!(error = %e, "pull stream notice")).ok())
-                .collect();
+            let mut msgs = Vec::with_capacity(chunk.len());
+            for m in chunk {
+                match m {
+                    Ok(m) => msgs.push(m),
+                    Err(e) if consumer_gone(e.kind()) => {
+                        tracing::warn!(error = %e, "the consumer is gone; binding it again");
+                        lost = true;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "pull stream notice"),
+                }
+            }
             if !msgs.is_empty() {
                 in_hand.futs.push(handle(shared.clone(), msgs));
+            }
+            if lost {
+                continue 'connect;
             }
         }
     }
     while in_hand.futs.next().await.is_some() {}
+}
+
+/// A pull's error that means the consumer (or its stream) no longer exists:
+/// deleted, or nothing answers its pull requests.
+fn consumer_gone(kind: pull::MessagesErrorKind) -> bool {
+    matches!(kind, pull::MessagesErrorKind::ConsumerDeleted | pull::MessagesErrorKind::NoResponders)
 }
 
 /// How long a stopping consumer loop waits for more of what its pull

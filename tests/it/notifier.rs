@@ -560,6 +560,64 @@ async fn a_chat_stream_made_anew_continues_after_the_archive() {
     assert_eq!(h["messages"].as_array().unwrap().len(), 21, "history: the new message, then the archive's 20");
 }
 
+/// The CHAT stream lost while everything runs (all its replicas' storage,
+/// or deleted by hand): the first send after it is refused `unavailable`
+/// while the gateway makes the stream again, and its resend (same id) is
+/// stored. The other gateway's members get it live, and the running notifier
+/// binds its consumers again, from the new stream's start, so the message is
+/// pushed and archived. No process is restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_stream_lost_while_running_is_made_again_without_a_restart() {
+    let p = PushStack::start(&[]).await;
+    let base = p.base();
+    create_room(&base, "alice", "general", &["bob", "carol"]).await;
+    register(&base, "bob", "fcm", ANDROID).await;
+    let since = flood(&base, "general", 5).await.into_iter().max().unwrap();
+    let pool = p.s.db.pool().await;
+    let archived =
+        || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap() };
+    assert_eventually!(Duration::from_secs(20), archived().await == 5, "archived");
+    assert_eventually!(Duration::from_secs(20), p.emu.delivered_to(ANDROID).await.len() == 5, "5 pushes");
+    let mut carol = Client::connect(p.s.gw2.addr, "carol").await;
+    carol.join("general", Some(since)).await;
+    let mut alice = Client::connect(p.s.gw1.addr, "alice").await;
+
+    observer(&p.s.nats).await.delete_stream("CHAT").await.unwrap();
+    let send = json!({"type": "send", "room": "general", "id": "after", "body": "after the loss"});
+    alice.send(send.clone()).await;
+    let refused = alice.expect("error").await;
+    assert_eq!((refused["code"].as_str(), refused["ref"].as_str()), (Some("unavailable"), Some("after")), "{refused}");
+    assert!(refused["retry_after_ms"].as_u64().is_some(), "{refused}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let seq = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        alice.send(send.clone()).await;
+        let v = alice.recv().await;
+        if v["type"] == "ack" {
+            break v["seq"].as_u64().unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the resend is still refused after 10 s: {v}");
+    };
+    assert!(seq > since, "seqs continue after the archive's: {seq} after {since}");
+    assert_eq!(metric(p.s.gw1.addr, "natter_stream_repairs_total").await, 1);
+
+    let got = carol.messages("general", 1).await;
+    assert_eq!((got[0]["seq"].as_u64(), got[0]["body"].as_str()), (Some(seq), Some("after the loss")));
+    let next = alice.send_msg("general", "next", "and the next one").await;
+    assert_eq!(carol.messages("general", 1).await[0]["seq"].as_u64(), Some(next));
+    assert_eventually!(
+        Duration::from_secs(20),
+        pushed_seqs(&p.emu.delivered_to(ANDROID).await).contains(&next),
+        "the notifier pushes from the new stream: {:?}",
+        pushed_seqs(&p.emu.delivered_to(ANDROID).await)
+    );
+    let pushed = pushed_seqs(&p.emu.delivered_to(ANDROID).await);
+    assert_eq!(pushed.iter().filter(|s| **s == seq).count(), 1, "the message sent before it bound again: {pushed:?}");
+    assert_eq!(pushed.len(), 7, "nothing pushed twice: {pushed:?}");
+    assert_eventually!(Duration::from_secs(20), archived().await == 7, "both archived beside the old 5");
+    assert_eq!(unread_total(&base, "bob").await, 7);
+}
+
 /// Sends `n` messages over HTTP, 16 at a time; returns their seqs.
 async fn flood(base: &str, room: &str, n: usize) -> Vec<u64> {
     use futures::StreamExt;
