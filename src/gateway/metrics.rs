@@ -23,6 +23,11 @@ pub struct CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabel {
+    pub stream: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: &'static str,
 }
@@ -58,8 +63,9 @@ pub struct Metrics {
     pub live_unrouted: Counter,
     /// Presence changes written by this gateway.
     pub presence_updates: Counter,
-    /// Times a send found the CHAT stream gone and this gateway made it again.
-    pub stream_repairs: Counter,
+    /// Times this gateway found a stream gone and made it again, by stream
+    /// (`CHAT`: a send found it gone; `presence`: a presence write did).
+    pub stream_repairs: Family<StreamLabel, Counter>,
     /// PostgreSQL pool connections by state (`idle`, `used`), read at scrape.
     pub db_pool: Family<StateLabel, Gauge>,
     /// Rooms with a member on this gateway (each a room task, and with
@@ -85,7 +91,7 @@ impl Default for Metrics {
             gap_repairs: Counter::default(),
             live_unrouted: Counter::default(),
             presence_updates: Counter::default(),
-            stream_repairs: Counter::default(),
+            stream_repairs: Family::default(),
             db_pool: Family::default(),
             rooms: Gauge::default(),
             presence_watches: Gauge::default(),
@@ -114,7 +120,7 @@ impl Metrics {
         r.register("presence_updates", "Presence changes written", self.presence_updates.clone());
         r.register(
             "stream_repairs",
-            "Times a send found the CHAT stream gone and this gateway made it again",
+            "Times this gateway found a stream (CHAT, presence) gone and made it again",
             self.stream_repairs.clone(),
         );
 
@@ -131,6 +137,10 @@ impl Metrics {
             self.presence_unstored.clone(),
         );
         r
+    }
+
+    pub fn stream_repaired(&self, stream: &'static str) {
+        self.stream_repairs.get_or_create(&StreamLabel { stream }).inc();
     }
 
     pub fn frame_in(&self, kind: &'static str) {

@@ -139,7 +139,7 @@ impl Shared {
         };
         match bus::streams::ensure_chat(&self.js, &self.settings.nats, archived_up_to).await {
             Ok(_) => {
-                self.metrics.stream_repairs.inc();
+                self.metrics.stream_repaired("CHAT");
                 tracing::warn!("a send found the CHAT stream gone: made it again");
             }
             Err(e) => tracing::error!(error = format!("{e:#}"), "the CHAT stream is gone and cannot be made again"),
@@ -188,6 +188,7 @@ impl Gateway {
             nats.clone(),
             node.clone(),
             presence::PresenceSettings { ttl: settings.presence_ttl, grace: settings.presence_grace },
+            settings.nats.clone(),
             metrics.clone(),
         );
         let shared = settings.presence_subscriptions == PresenceSubscriptions::Shared;

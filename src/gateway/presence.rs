@@ -26,10 +26,12 @@ use tokio_util::sync::CancellationToken;
 use super::outbound::ConnHandle;
 use crate::{
     bus::{
+        self,
         envelope::now_ms,
         presence::{self, Entry, Lease, Leases, Observation, Observed, Put, Status},
         subjects,
     },
+    config::NatsSettings,
     ids::{NodeId, UserId},
     tasks::{self, alongside},
 };
@@ -199,6 +201,13 @@ pub struct Presence {
     /// the user's next change (an online user shown offline, or a user who
     /// left shown online for as long as the lease lives).
     unstored: Arc<Mutex<HashSet<UserId>>>,
+    /// A write found the presence bucket gone (its storage lost, or deleted):
+    /// the heartbeat makes it again and writes every entry of this node.
+    bucket_gone: Arc<AtomicBool>,
+    js: jetstream::Context,
+    /// How the bucket is made (its replicas).
+    bucket: NatsSettings,
+    metrics: Arc<super::metrics::Metrics>,
 }
 
 pub fn frame(user: &str, v: View) -> Utf8Bytes {
@@ -224,6 +233,7 @@ impl Presence {
         nats: Client,
         node: NodeId,
         settings: PresenceSettings,
+        bucket: NatsSettings,
         metrics: Arc<super::metrics::Metrics>,
     ) -> Arc<Self> {
         let (writes, rx) = mpsc::unbounded_channel();
@@ -237,9 +247,14 @@ impl Presence {
             shared: AtomicBool::new(false),
             heartbeat: CancellationToken::new(),
             unstored: Arc::default(),
+            bucket_gone: Arc::default(),
+            js: js.clone(),
+            bucket,
+            metrics: metrics.clone(),
         });
         let _ = p.writes.send(Write::lease(p.lease(settings.ttl)));
-        tokio::spawn(write_loop(js, rx, p.unstored.clone(), metrics));
+        let failures = Failures { unstored: p.unstored.clone(), bucket_gone: p.bucket_gone.clone() };
+        tokio::spawn(write_loop(js, rx, failures, metrics));
         tokio::spawn(heartbeat(Arc::downgrade(&p), p.heartbeat.clone()));
         p
     }
@@ -534,14 +549,14 @@ impl Presence {
 /// gateway: it did, after a burst of more than 5 000 writes.
 ///
 /// The user of a write that fails goes into `unstored`, for the heartbeat to
-/// write again. Failures are logged at warn once per [`WARN_EVERY`], with
+/// write again; a write that finds no bucket sets `bucket_gone`. Failures are logged at warn once per [`WARN_EVERY`], with
 /// the number since the last warning (at debug in between): in an outage
 /// every connect, leave and retry fails, and a line for each would flood
 /// the log.
 async fn write_loop(
     js: jetstream::Context,
     mut rx: mpsc::UnboundedReceiver<Write>,
-    unstored: Arc<Mutex<HashSet<UserId>>>,
+    Failures { unstored, bucket_gone }: Failures,
     metrics: Arc<super::metrics::Metrics>,
 ) {
     let warned: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
@@ -562,8 +577,11 @@ async fn write_loop(
             unstored.lock().insert(user);
         }
     };
-    let acked = |(user, subject, r): (Option<UserId>, String, Result<_, _>)| {
+    let acked = |(user, subject, r): (Option<UserId>, String, Result<_, jetstream::context::PublishError>)| {
         if let Err(e) = r {
+            if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                bucket_gone.store(true, Ordering::Relaxed);
+            }
             failed(user, &subject, &e);
         }
     };
@@ -590,6 +608,34 @@ async fn write_loop(
     }
 }
 
+/// Where the writer reports failed writes to the heartbeat.
+struct Failures {
+    unstored: Arc<Mutex<HashSet<UserId>>>,
+    bucket_gone: Arc<AtomicBool>,
+}
+
+impl Presence {
+    /// Makes the presence bucket again after a write found it gone, and
+    /// marks every entry of this node unstored, for the heartbeat to write
+    /// again: the wipe took them, and entries are written on change only.
+    /// (Last-seen records of users no longer connected are lost with it.)
+    async fn remake_bucket(&self) {
+        match bus::presence::ensure_bucket(&self.js, &self.bucket).await {
+            Ok(()) => {
+                self.metrics.stream_repaired("presence");
+                let st = self.state.lock();
+                let mut unstored = self.unstored.lock();
+                unstored.extend(st.local.iter().filter(|(_, l)| !l.sessions.is_empty()).map(|(u, _)| u.clone()));
+                tracing::warn!(entries = unstored.len(), "a presence write found the bucket gone: made it again");
+            }
+            Err(e) => {
+                self.bucket_gone.store(true, Ordering::Relaxed);
+                tracing::error!(error = format!("{e:#}"), "the presence bucket is gone and cannot be made again");
+            }
+        }
+    }
+}
+
 /// Refreshes the lease every TTL/3, acknowledged, and with it the rare
 /// entry unwritten for [`ENTRY_REFRESH`] (a session of more than a day),
 /// and, while NATS is connected, the entries whose last write failed.
@@ -606,6 +652,10 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let Some(p) = p.upgrade() else { return };
+        let connected = p.nats.connection_state() == async_nats::connection::State::Connected;
+        if connected && p.bucket_gone.swap(false, Ordering::Relaxed) {
+            p.remake_bucket().await;
+        }
         let _ = p.writes.send(Write::lease(p.lease(p.settings.ttl)));
         let now = Instant::now();
         let mut st = p.state.lock();
@@ -614,7 +664,7 @@ async fn heartbeat(p: std::sync::Weak<Presence>, stop: CancellationToken) {
             l.written = now;
             let _ = p.writes.send(Write::change(user, p.entry_of(user, l)));
         }
-        if p.nats.connection_state() == async_nats::connection::State::Connected {
+        if connected {
             let unstored = std::mem::take(&mut *p.unstored.lock());
             for user in unstored {
                 let put = match st.local.get_mut(&user) {

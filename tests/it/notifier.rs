@@ -599,7 +599,7 @@ async fn a_chat_stream_lost_while_running_is_made_again_without_a_restart() {
         assert!(tokio::time::Instant::now() < deadline, "the resend is still refused after 10 s: {v}");
     };
     assert!(seq > since, "seqs continue after the archive's: {seq} after {since}");
-    assert_eq!(metric(p.s.gw1.addr, "natter_stream_repairs_total").await, 1);
+    assert_eq!(metric(p.s.gw1.addr, r#"natter_stream_repairs_total{stream="CHAT"}"#).await, 1);
 
     let got = carol.messages("general", 1).await;
     assert_eq!((got[0]["seq"].as_u64(), got[0]["body"].as_str()), (Some(seq), Some("after the loss")));

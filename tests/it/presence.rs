@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::{assert_eventually, helpers::*};
 
 /// The next presence frame for `user`, skipping other frames.
 async fn presence_of(c: &mut Client, user: &str, within: Duration) -> Value {
@@ -401,6 +401,7 @@ async fn presence_writes_beyond_the_unacknowledged_publish_limit_are_all_stored(
         client.clone(),
         NodeId::parse("n1").unwrap(),
         PresenceSettings { ttl: Duration::from_secs(30), grace: Duration::from_secs(1) },
+        nats_settings(nats.url()),
         Arc::new(Metrics::default()),
     );
     let users: Vec<UserId> = (0..50).map(|i| UserId::parse(&format!("u{i}")).unwrap()).collect();
@@ -420,4 +421,40 @@ async fn presence_writes_beyond_the_unacknowledged_publish_limit_are_all_stored(
     // The context's permits all came back: another publish is acknowledged.
     let ack = js.publish("$KV.presence.u0.n2", "{}".into()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), ack.into_future()).await.expect("ack in time").unwrap();
+}
+
+/// The presence bucket lost while the gateways run (its storage wiped, or
+/// deleted by hand). The next write of a gateway (its lease refresh) finds
+/// it gone; its heartbeat makes it again and writes the entries of all its
+/// connected users, which the wipe took: lookups and watchers see them
+/// online again, and later changes reach watchers. Nothing restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_bucket_lost_while_running_is_made_again_and_refilled() {
+    let args = ["--presence-ttl", "3s"];
+    let s = Stack::with(&args, &args).await;
+    let mut alice = Client::connect(s.gw1.addr, "alice").await;
+    let _carol = Client::connect(s.gw1.addr, "carol").await;
+    let mut bob = Client::connect(s.gw2.addr, "bob").await;
+    // While the bucket is gone a lookup is 503 `unavailable`.
+    let statuses = || async {
+        let url = format!("{}/v1/presence?users=alice,carol,bob", s.gw2.http());
+        let r = http().get(url).bearer_auth(token("bob")).send().await.unwrap();
+        let v: Value = if r.status().is_success() { r.json().await.unwrap() } else { json!({"presence": []}) };
+        v["presence"].as_array().unwrap().iter().map(|p| p["status"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+    };
+    assert_eventually!(Duration::from_secs(5), statuses().await == ["online"; 3], "all online: {:?}", statuses().await);
+    assert_eq!(watch(&mut bob, "alice").await["status"], "online");
+
+    let js = async_nats::jetstream::new(async_nats::connect(s.nats.url()).await.unwrap());
+    js.delete_key_value("presence").await.unwrap();
+    assert_eventually!(
+        Duration::from_secs(10),
+        statuses().await == ["online"; 3],
+        "every connected user's entry written again: {:?}",
+        statuses().await
+    );
+    let remade = |addr| metric(addr, r#"natter_stream_repairs_total{stream="presence"}"#);
+    assert!(remade(s.gw1.addr).await + remade(s.gw2.addr).await >= 1, "counted");
+    alice.send(json!({"type":"presence","status":"away"})).await;
+    assert_eq!(presence_of(&mut bob, "alice", Duration::from_secs(2)).await["status"], "away");
 }
