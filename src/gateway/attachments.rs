@@ -137,7 +137,10 @@ pub async fn upload(
         metadata: objects::metadata(&room, &me.user, declared.mime()),
         ..Default::default()
     };
-    state.attachments.put(meta, &mut bytes.as_ref()).await.map_err(|e| ApiError::unavailable("attachment store", e))?;
+    if let Err(e) = state.attachments.put(meta, &mut bytes.as_ref()).await {
+        state.repair_attachments().await;
+        return Err(ApiError::unavailable("attachment store", e));
+    }
     tracing::debug!(attachment = %id, room = %room, size = bytes.len(), "attachment stored");
     let out = json!({"id": id, "size": bytes.len(), "content_type": declared.mime()});
     Ok((StatusCode::CREATED, Json(out)).into_response())

@@ -64,7 +64,8 @@ pub struct Metrics {
     /// Presence changes written by this gateway.
     pub presence_updates: Counter,
     /// Times this gateway found a stream gone and made it again, by stream
-    /// (`CHAT`: a send found it gone; `presence`: a presence write did).
+    /// (`CHAT`: a send found it gone; `presence`: a presence write did;
+    /// `attachments`: an upload did).
     pub stream_repairs: Family<StreamLabel, Counter>,
     /// PostgreSQL pool connections by state (`idle`, `used`), read at scrape.
     pub db_pool: Family<StateLabel, Gauge>,
@@ -120,7 +121,7 @@ impl Metrics {
         r.register("presence_updates", "Presence changes written", self.presence_updates.clone());
         r.register(
             "stream_repairs",
-            "Times this gateway found a stream (CHAT, presence) gone and made it again",
+            "Times this gateway found a stream (CHAT, presence, attachments) gone and made it again",
             self.stream_repairs.clone(),
         );
 

@@ -95,12 +95,30 @@ pub struct Shared {
     /// Mints `POST /v1/dev/token` tokens; `None` unless `--dev` (and HS256).
     pub dev_signer: Option<Arc<crate::auth::Signer>>,
     next_conn: Arc<AtomicU64>,
-    /// When this gateway last made the CHAT stream again (`repair_chat`).
-    chat_repaired: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Making the CHAT stream again (`repair_chat`).
+    chat_repair: Repair,
+    /// Making the attachments bucket again (`repair_attachments`).
+    attachments_repair: Repair,
 }
 
-/// The least time between two repairs of the CHAT stream by one gateway.
-const CHAT_REPAIR_EVERY: Duration = Duration::from_secs(1);
+/// A repair of a stream found gone: one at a time (a caller that finds one
+/// running returns at once), at most one per [`REPAIR_EVERY`].
+#[derive(Default)]
+struct Repair(tokio::sync::Mutex<Option<tokio::time::Instant>>);
+
+/// The least time between two repairs of one stream by one gateway.
+const REPAIR_EVERY: Duration = Duration::from_secs(1);
+
+impl Repair {
+    async fn run(&self, repair: impl std::future::Future<Output = ()>) {
+        let Ok(mut last) = self.0.try_lock() else { return };
+        if last.is_some_and(|t| t.elapsed() < REPAIR_EVERY) {
+            return;
+        }
+        *last = Some(tokio::time::Instant::now());
+        repair.await;
+    }
+}
 
 impl Shared {
     pub fn next_conn_id(&self) -> u64 {
@@ -124,26 +142,49 @@ impl Shared {
 
     /// Makes the CHAT stream again after it was lost (every replica's
     /// storage) or deleted, as at start: its seqs continue after the
-    /// archive's. One repair at a time (a send that finds one running returns
-    /// at once), at most one per [`CHAT_REPAIR_EVERY`]. The rooms'
-    /// subscriptions and this gateway's stream handle go by name, so nothing
-    /// else needs a restart; the notifiers bind their consumers again.
+    /// archive's. The rooms' subscriptions and this gateway's stream handle
+    /// go by name, so nothing else needs a restart; the notifiers bind their
+    /// consumers again.
     async fn repair_chat(&self) {
-        let Ok(mut last) = self.chat_repaired.try_lock() else { return };
-        if last.is_some_and(|t| t.elapsed() < CHAT_REPAIR_EVERY) {
-            return;
-        }
-        *last = Some(tokio::time::Instant::now());
-        let archived_up_to = || async {
-            crate::db::archive::highest_seq(&self.db).await.context("cannot read the archive's highest seq")
-        };
-        match bus::streams::ensure_chat(&self.js, &self.settings.nats, archived_up_to).await {
-            Ok(_) => {
-                self.metrics.stream_repaired("CHAT");
-                tracing::warn!("a send found the CHAT stream gone: made it again");
-            }
-            Err(e) => tracing::error!(error = format!("{e:#}"), "the CHAT stream is gone and cannot be made again"),
-        }
+        self.chat_repair
+            .run(async {
+                let archived_up_to = || async {
+                    crate::db::archive::highest_seq(&self.db).await.context("cannot read the archive's highest seq")
+                };
+                match bus::streams::ensure_chat(&self.js, &self.settings.nats, archived_up_to).await {
+                    Ok(_) => {
+                        self.metrics.stream_repaired("CHAT");
+                        tracing::warn!("a send found the CHAT stream gone: made it again");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "the CHAT stream is gone and cannot be made again")
+                    }
+                }
+            })
+            .await
+    }
+
+    /// After an upload failed: if the attachments bucket is gone (its
+    /// storage lost, or deleted), makes it again, so that the next upload
+    /// is stored. (The images it held are lost with it.)
+    pub async fn repair_attachments(&self) {
+        self.attachments_repair
+            .run(async {
+                if !bus::objects::attachments_gone(&self.js).await {
+                    return;
+                }
+                match bus::objects::ensure_attachments(&self.js, &self.settings.nats).await {
+                    Ok(_) => {
+                        self.metrics.stream_repaired("attachments");
+                        tracing::warn!("an upload found the attachments bucket gone: made it again");
+                    }
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "the attachments bucket is gone and cannot be made again"
+                    ),
+                }
+            })
+            .await
     }
 }
 
@@ -219,7 +260,8 @@ impl Gateway {
             accepting: Arc::new(AtomicBool::new(true)),
             dev_signer,
             next_conn: Arc::new(AtomicU64::new(1)),
-            chat_repaired: tokio::sync::Mutex::new(None),
+            chat_repair: Repair::default(),
+            attachments_repair: Repair::default(),
         }));
         tokio::spawn(resync_on_reconnect(reconnects, state.hub.clone(), state.presence.clone()));
         let timing = keepalive::Timing {

@@ -143,3 +143,31 @@ async fn uploads_are_checked_and_images_are_sent_and_served_to_members_only() {
     // Nothing of that reached the room.
     bob.expect_silence(std::time::Duration::from_millis(300)).await;
 }
+
+/// The attachments bucket lost while the gateways run (its storage, or
+/// deleted by hand): the first upload after it gets 503 `unavailable` while
+/// its gateway makes the bucket again, and the retry is stored and served,
+/// and can be sent as an image message. The images it held are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attachments_bucket_lost_while_running_is_made_again() {
+    let s = Stack::start().await;
+    let base = s.gw1.http();
+    create_room(&base, "alice", "general", &["bob"]).await;
+    let (st, before) = upload(&base, "alice", "general", "image/png", png(1000)).await;
+    assert_eq!(st, 201, "{before}");
+
+    let js = async_nats::jetstream::new(async_nats::connect(s.nats.url()).await.unwrap());
+    js.delete_object_store("attachments").await.unwrap();
+    let (st, refused) = upload(&base, "alice", "general", "image/png", png(2000)).await;
+    assert_eq!((st, code(&refused)), (503, "unavailable"), "{refused}");
+    let (st, after) = upload(&base, "alice", "general", "image/png", png(2000)).await;
+    assert_eq!(st, 201, "the retry is stored: {after}");
+    let id = after["id"].as_str().unwrap();
+    let r = http().get(format!("{}/v1/attachments/{id}", s.gw2.http())).bearer_auth(token("bob")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), png(2000).as_slice());
+    let (st, sent) = send_image(&base, "alice", "general", "img-after", id).await;
+    assert_eq!(st, 201, "{sent}");
+    let metric = metric(s.gw1.addr, r#"natter_stream_repairs_total{stream="attachments"}"#).await;
+    assert_eq!(metric, 1);
+}
