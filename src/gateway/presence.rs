@@ -549,10 +549,10 @@ impl Presence {
 /// gateway: it did, after a burst of more than 5 000 writes.
 ///
 /// The user of a write that fails goes into `unstored`, for the heartbeat to
-/// write again; a write that finds no bucket sets `bucket_gone`. Failures are logged at warn once per [`WARN_EVERY`], with
-/// the number since the last warning (at debug in between): in an outage
-/// every connect, leave and retry fails, and a line for each would flood
-/// the log.
+/// write again; a write that finds no bucket sets `bucket_gone`. Failures
+/// are logged at warn once per [`WARN_EVERY`], with the number since the
+/// last warning (at debug in between): in an outage every connect, leave
+/// and retry fails, and a line for each would flood the log.
 async fn write_loop(
     js: jetstream::Context,
     mut rx: mpsc::UnboundedReceiver<Write>,

@@ -160,7 +160,11 @@ impl Binding {
         stream: &jetstream::stream::Stream,
         config: pull::Config,
     ) -> anyhow::Result<Self> {
-        let consumer = bind(stream, config.clone(), false).await?;
+        // A stream with a first seq of its own was made anew after a loss
+        // (`bus::streams::ensure_chat`): a consumer missing from it went
+        // with the old one, and everything in it is new to this consumer.
+        let made_anew = stream.cached_info().config.first_sequence.is_some_and(|first| first > 1);
+        let consumer = bind(stream, config.clone(), made_anew).await?;
         let stream_created = stream.cached_info().created;
         Ok(Self { js: js.clone(), config, stream_created, consumer })
     }

@@ -547,12 +547,16 @@ async fn a_chat_stream_made_anew_continues_after_the_archive() {
     let (first_seq, _, held) = chat_stream_state(&js).await;
     assert_eq!(held, 0);
     assert!(first_seq > since + 1, "seqs continue after the archive's {since}: first {first_seq}");
+    // Sent before any notifier runs: the one that starts counts it (its
+    // consumer, gone with the old stream, is made from the new one's start).
+    let new = post_message(&gw3.http(), "alice", "general", "after-loss", "after the loss").await;
+    assert!(new > since, "{new} after {since}");
+    assert_eq!(unread_total(&base, "bob").await, 20);
     let _second = spawn_notifier(&s.nats, &s.db, &emu, &[]).await;
+    assert_eventually!(Duration::from_secs(20), unread_total(&base, "bob").await == 21, "counted unread");
 
     let mut bob = Client::connect(gw3.addr, "bob").await;
     bob.join("general", Some(since)).await;
-    let new = post_message(&gw3.http(), "alice", "general", "after-loss", "after the loss").await;
-    assert!(new > since, "{new} after {since}");
     let got = bob.messages("general", 1).await;
     assert_eq!((got[0]["seq"].as_u64(), got[0]["body"].as_str()), (Some(new), Some("after the loss")));
     assert_eventually!(Duration::from_secs(20), archived().await == 21, "the new message archived beside the old");
