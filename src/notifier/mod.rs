@@ -12,7 +12,12 @@ mod deliver;
 pub mod metrics;
 mod trim;
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use anyhow::Context;
 use async_nats::jetstream::{
@@ -44,6 +49,8 @@ pub(crate) struct Shared {
     pub metrics: metrics::Metrics,
     /// The rooms the archiver wrote to, for the window's trim.
     pub trim: trim::Due,
+    /// Consumer loops waiting to bind their consumer again (not ready).
+    pub unbound: std::sync::atomic::AtomicUsize,
 }
 
 pub struct Notifier {
@@ -75,7 +82,11 @@ impl Notifier {
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let metrics = metrics::Metrics::default();
         let trim = trim::Due::default();
-        Ok(Self { listener, shared: Arc::new(Shared { settings, db, nats, pushers, metrics, trim }), js })
+        Ok(Self {
+            listener,
+            shared: Arc::new(Shared { settings, db, nats, pushers, metrics, trim, unbound: Default::default() }),
+            js,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -285,9 +296,10 @@ struct Health {
     ready: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Ready while consuming, connected to NATS, and PostgreSQL answers.
+/// Ready while consuming (every consumer bound), connected to NATS, and
+/// PostgreSQL answers.
 async fn readyz(State(h): State<Health>) -> impl IntoResponse {
-    let consuming = *h.ready.borrow();
+    let consuming = *h.ready.borrow() && h.shared.unbound.load(Ordering::Relaxed) == 0;
     let nats = h.shared.nats.connection_state() == async_nats::connection::State::Connected;
     let db = crate::db::ping(&h.shared.db).await;
     let status = if consuming && nats && db { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -320,8 +332,11 @@ where
     let mut lost = false;
     'connect: while !stop.is_cancelled() {
         if std::mem::take(&mut lost) {
+            shared.unbound.fetch_add(1, Ordering::Relaxed);
             in_hand.alongside(pause(&stop, Duration::from_secs(1))).await;
-            if !in_hand.alongside(binding.rebind(&stop)).await {
+            let bound = in_hand.alongside(binding.rebind(&stop)).await;
+            shared.unbound.fetch_sub(1, Ordering::Relaxed);
+            if !bound {
                 break;
             }
         }

@@ -587,6 +587,9 @@ async fn a_chat_stream_lost_while_running_is_made_again_without_a_restart() {
     let mut alice = Client::connect(p.s.gw1.addr, "alice").await;
 
     observer(&p.s.nats).await.delete_stream("CHAT").await.unwrap();
+    let readyz = format!("http://{}/readyz", p.notifier.addr);
+    let ready = || async { http().get(&readyz).send().await.unwrap().status().as_u16() };
+    assert_eventually!(Duration::from_secs(10), ready().await == 503, "the notifier is not ready while unbound");
     let send = json!({"type": "send", "room": "general", "id": "after", "body": "after the loss"});
     alice.send(send.clone()).await;
     let refused = alice.expect("error").await;
@@ -620,6 +623,7 @@ async fn a_chat_stream_lost_while_running_is_made_again_without_a_restart() {
     assert_eq!(pushed.len(), 7, "nothing pushed twice: {pushed:?}");
     assert_eventually!(Duration::from_secs(20), archived().await == 7, "both archived beside the old 5");
     assert_eq!(unread_total(&base, "bob").await, 7);
+    assert_eq!(ready().await, 200, "ready again once bound");
 }
 
 /// Sends `n` messages over HTTP, 16 at a time; returns their seqs.
