@@ -677,7 +677,7 @@ impl Session<'_> {
                 self.conn.send(f).await;
             }
         }
-        let cursor = since.map_or(last, |s| s.max(last));
+        let cursor = replay::cursor(since, last);
         state.hub.caught_up(&room, self.conn.id, cursor);
         Ok(())
     }

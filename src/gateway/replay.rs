@@ -69,6 +69,14 @@ impl Budget {
     }
 }
 
+/// Where live delivery to a member who joined at `last` starts, after the
+/// replay: the newer of `last` and its `since`. A `since` beyond `last`
+/// means the client saw those messages already (from another gateway that
+/// was ahead); live messages up to it are not sent again.
+pub fn cursor(since: Option<u64>, last: u64) -> u64 {
+    since.map_or(last, |s| s.max(last))
+}
+
 /// The messages of `room` in `(since, last]`, within the replay limits.
 pub async fn read(state: &AppState, room: &RoomId, since: u64, last: u64) -> Result<Replay, ReadError> {
     if since >= last {
@@ -206,5 +214,12 @@ mod tests {
         assert!(b.exceeded_by(1, 101));
         let left = b.left_after(2, 150);
         assert_eq!((left.messages, left.bytes), (1, 0));
+    }
+
+    #[test]
+    fn live_delivery_starts_after_the_newer_of_the_join_and_the_clients_since() {
+        assert_eq!(cursor(None, 10), 10, "a join without since goes live from the room's last");
+        assert_eq!(cursor(Some(4), 10), 10, "the replay covered (4, 10]");
+        assert_eq!(cursor(Some(15), 10), 15, "the client saw up to 15 elsewhere");
     }
 }

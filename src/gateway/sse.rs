@@ -69,7 +69,7 @@ pub async fn events(
         Some(since) => replay::read(&state, &conn.room, since, last).await.map_err(|e| unavailable(&e))?,
         None => replay::Replay::default(),
     };
-    let cursor = since.map_or(last, |s| s.max(last));
+    let cursor = replay::cursor(since, last);
     // A truncated replay says so first, in the WebSocket `joined` frame.
     let truncated = replay.truncated_before.map(|before| {
         let joined = ServerFrame::Joined { room: conn.room.as_str(), last_seq: last, truncated_before: Some(before) };

@@ -33,6 +33,9 @@ pub struct Metrics {
     pub consumer_lag: Family<ConsumerLabels, Gauge>,
     /// Messages the archiver removed from the CHAT stream, beyond a room's window.
     pub trimmed: Counter,
+    /// Passes of the window's trim over the rooms due (with the consumers'
+    /// floor read).
+    pub trim_passes: Counter,
 }
 
 impl Metrics {
@@ -49,6 +52,7 @@ impl Metrics {
             "Messages trimmed from the CHAT stream beyond a room's window",
             self.trimmed.clone(),
         );
+        r.register("stream_trim_passes", "Passes of the window's trim over the rooms due", self.trim_passes.clone());
         r
     }
 

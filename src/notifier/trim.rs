@@ -99,6 +99,7 @@ pub(super) async fn run(shared: Arc<Shared>, stream: jetstream::stream::Stream, 
                 }
             }
         }
+        shared.metrics.trim_passes.inc();
     }
 }
 
