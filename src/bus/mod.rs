@@ -88,3 +88,15 @@ pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<(async_nats
         .with_context(|| format!("cannot connect to NATS at {}", s.nats_url))?;
     Ok((client, rx))
 }
+
+/// Whether the stream `name` does not exist (lost with its storage, or
+/// deleted); `false` when it exists or NATS cannot say. A send or write
+/// that got "no responders" asks this before anything is made again: in a
+/// cluster, a stream between leaders can answer that way too.
+pub async fn stream_gone(js: &async_nats::jetstream::Context, name: &str) -> bool {
+    use async_nats::jetstream::{ErrorCode, context::GetStreamErrorKind};
+    match js.get_stream(name).await {
+        Ok(_) => false,
+        Err(e) => matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND),
+    }
+}

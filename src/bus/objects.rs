@@ -51,18 +51,6 @@ pub async fn ensure_attachments(js: &jetstream::Context, s: &NatsSettings) -> an
     })
 }
 
-/// Whether the attachments bucket's stream does not exist (lost or
-/// deleted); `false` when it exists or NATS cannot say.
-pub async fn attachments_gone(js: &jetstream::Context) -> bool {
-    match js.get_stream(format!("OBJ_{ATTACHMENTS_BUCKET}")).await {
-        Ok(_) => false,
-        Err(e) => matches!(
-            e.kind(),
-            jetstream::context::GetStreamErrorKind::JetStream(j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-        ),
-    }
-}
-
 /// The metadata stored with an attachment.
 pub fn metadata(room: &RoomId, uploader: &UserId, content_type: &str) -> HashMap<String, String> {
     HashMap::from([

@@ -148,6 +148,9 @@ impl Shared {
     async fn repair_chat(&self) {
         self.chat_repair
             .run(async {
+                if !bus::stream_gone(&self.js, bus::subjects::CHAT_STREAM).await {
+                    return; // a stream between leaders, not a lost one
+                }
                 let archived_up_to = || async {
                     crate::db::archive::highest_seq(&self.db).await.context("cannot read the archive's highest seq")
                 };
@@ -170,7 +173,7 @@ impl Shared {
     pub async fn repair_attachments(&self) {
         self.attachments_repair
             .run(async {
-                if !bus::objects::attachments_gone(&self.js).await {
+                if !bus::stream_gone(&self.js, &format!("OBJ_{}", bus::subjects::ATTACHMENTS_BUCKET)).await {
                     return;
                 }
                 match bus::objects::ensure_attachments(&self.js, &self.settings.nats).await {

@@ -615,24 +615,26 @@ struct Failures {
 }
 
 impl Presence {
-    /// Makes the presence bucket again after a write found it gone, and
-    /// marks every entry of this node unstored, for the heartbeat to write
-    /// again: the wipe took them, and entries are written on change only.
-    /// (Last-seen records of users no longer connected are lost with it.)
+    /// After a write found no presence bucket: makes it again if it is still
+    /// missing, and marks every entry of this node unstored, for the
+    /// heartbeat to write again. The wipe took them (entries are written on
+    /// change only), whether this gateway or another one made the bucket
+    /// again. (Last-seen records of users no longer connected are lost with
+    /// it.)
     async fn remake_bucket(&self) {
-        match bus::presence::ensure_bucket(&self.js, &self.bucket).await {
-            Ok(()) => {
-                self.metrics.stream_repaired("presence");
-                let st = self.state.lock();
-                let mut unstored = self.unstored.lock();
-                unstored.extend(st.local.iter().filter(|(_, l)| !l.sessions.is_empty()).map(|(u, _)| u.clone()));
-                tracing::warn!(entries = unstored.len(), "a presence write found the bucket gone: made it again");
-            }
-            Err(e) => {
+        if bus::stream_gone(&self.js, subjects::PRESENCE_STREAM).await {
+            if let Err(e) = bus::presence::ensure_bucket(&self.js, &self.bucket).await {
                 self.bucket_gone.store(true, Ordering::Relaxed);
                 tracing::error!(error = format!("{e:#}"), "the presence bucket is gone and cannot be made again");
+                return;
             }
+            self.metrics.stream_repaired("presence");
+            tracing::warn!("a presence write found the bucket gone: made it again");
         }
+        let st = self.state.lock();
+        let mut unstored = self.unstored.lock();
+        unstored.extend(st.local.iter().filter(|(_, l)| !l.sessions.is_empty()).map(|(u, _)| u.clone()));
+        tracing::info!(entries = unstored.len(), "writing this gateway's presence entries again");
     }
 }
 
