@@ -43,13 +43,44 @@ pub const MAX_BATCH: usize = 512;
 /// 512 messages of 64 KiB (32 MiB each) let a few concurrent reads pass
 /// nats-server's 64 MiB pending limit for the gateway's connection, which
 /// then cuts it as a slow consumer (measured: BENCHMARKS.md, `bench backlog`).
-pub const FIRST_BATCH: usize = 128;
+const FIRST_BATCH: usize = 128;
 const BATCH_BYTES: usize = 1 << 20;
 
 /// The size of the next batch of a read whose largest message so far is
 /// `largest` bytes.
-pub fn next_batch_size(largest: usize) -> usize {
+fn next_batch_size(largest: usize) -> usize {
     (BATCH_BYTES / largest.max(1)).clamp(1, MAX_BATCH)
+}
+
+/// A forward read of `subject` in batches: [`FIRST_BATCH`] messages first,
+/// then sized from the largest message seen so far.
+pub struct Batches<'a> {
+    client: &'a Client,
+    subject: &'a str,
+    /// The seq the next batch starts at.
+    pub from: u64,
+    want: usize,
+    largest: usize,
+}
+
+impl<'a> Batches<'a> {
+    pub fn new(client: &'a Client, subject: &'a str, from: u64) -> Self {
+        Self { client, subject, from, want: FIRST_BATCH, largest: 1 }
+    }
+
+    /// The next batch, of at most `limit` messages, and whether it was full
+    /// (more may follow).
+    pub async fn next(&mut self, limit: usize) -> Result<(Vec<Stored>, bool), ReadError> {
+        let want = self.want.min(limit).max(1);
+        let got = next_batch(self.client, self.subject, self.from, want).await?;
+        self.largest = got.iter().map(|m| m.payload.len()).fold(self.largest, usize::max);
+        self.want = next_batch_size(self.largest);
+        if let Some(m) = got.last() {
+            self.from = m.seq + 1;
+        }
+        let full = got.len() == want;
+        Ok((got, full))
+    }
 }
 
 /// Up to `batch` messages on `subject` with sequence ≥ `from`, in order.
@@ -105,24 +136,19 @@ async fn range_newest(
     keep: usize,
 ) -> Result<Vec<Stored>, ReadError> {
     let mut out = std::collections::VecDeque::new();
-    let mut from = after + 1;
-    let mut size = FIRST_BATCH;
-    while from < before {
-        let want = usize::try_from(before - from).unwrap_or(size).min(size);
-        let got = next_batch(client, subject, from, want).await?;
-        let done = got.len() < want;
-        size = next_batch_size(got.iter().map(|m| m.payload.len()).max().unwrap_or(1));
+    let mut batches = Batches::new(client, subject, after + 1);
+    while batches.from < before {
+        let (got, full) = batches.next(usize::try_from(before - batches.from).unwrap_or(MAX_BATCH)).await?;
         for m in got {
             if m.seq >= before {
                 return Ok(out.into());
             }
-            from = m.seq + 1;
             if out.len() == keep {
                 out.pop_front();
             }
             out.push_back(m);
         }
-        if done {
+        if !full {
             break;
         }
     }

@@ -94,9 +94,11 @@ pub async fn connect(s: &NatsSettings, name: &str) -> anyhow::Result<(async_nats
 /// that got "no responders" asks this before anything is made again: in a
 /// cluster, a stream between leaders can answer that way too.
 pub async fn stream_gone(js: &async_nats::jetstream::Context, name: &str) -> bool {
+    js.get_stream(name).await.is_err_and(|e| is_stream_not_found(&e))
+}
+
+/// Whether a stream lookup failed because the stream does not exist.
+pub fn is_stream_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
     use async_nats::jetstream::{ErrorCode, context::GetStreamErrorKind};
-    match js.get_stream(name).await {
-        Ok(_) => false,
-        Err(e) => matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND),
-    }
+    matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }

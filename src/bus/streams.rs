@@ -76,14 +76,8 @@ where
     let existing = super::setup(js, |js| async move {
         match js.get_stream(CHAT_STREAM).await {
             Ok(stream) => Ok(Some(stream.cached_info().config.first_sequence)),
-            Err(e) => match e.kind() {
-                jetstream::context::GetStreamErrorKind::JetStream(j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-                {
-                    Ok(None)
-                }
-                _ => Err(e),
-            },
+            Err(e) if super::is_stream_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
         }
     })
     .await

@@ -139,22 +139,16 @@ async fn from_stream(
     budget: Budget,
 ) -> Result<Held, ReadError> {
     // Read from `since` itself: finding it proves nothing older is needed.
-    let mut from = since;
+    let mut read = directget::Batches::new(nats, subject, since);
     let mut oldest = None;
     let mut held =
         Held { messages: VecDeque::new(), bytes: 0, dropped: false, had_since: false, trimmed_during_read: false };
     let mut batches = 0;
-    let mut want = directget::FIRST_BATCH;
-    let mut largest = 1;
     loop {
-        let got = directget::next_batch(nats, subject, from, want).await?;
+        let (got, full) = read.next(directget::MAX_BATCH).await?;
         batches += 1;
-        let full = got.len() == want;
         oldest = oldest.or(got.first().map(|m| m.seq));
-        largest = got.iter().map(|m| m.payload.len()).fold(largest, usize::max);
-        want = directget::next_batch_size(largest);
         for m in got {
-            from = m.seq + 1;
             if m.seq > last {
                 break;
             }
@@ -169,7 +163,7 @@ async fn from_stream(
                 }
             }
         }
-        if !full || from > last {
+        if !full || read.from > last {
             break;
         }
     }
