@@ -5,6 +5,7 @@
 pub mod backlog;
 pub mod churn;
 pub mod fanout;
+pub mod floor;
 pub mod idle;
 pub mod notifier;
 pub mod presence;
@@ -66,6 +67,9 @@ pub enum Scenario {
     /// Notifier throughput: unread bumps and pushes per second against the push emulator.
     #[command(alias = "push")]
     Notifier(notifier::NotifierArgs),
+    /// Not a scenario: the least server `fanout` can run against (one process,
+    /// one write per delivery, no broker or log), to measure natter against.
+    FloorServer(floor::FloorArgs),
 }
 
 pub async fn run(s: BenchSettings) -> anyhow::Result<()> {
@@ -81,6 +85,7 @@ pub async fn run(s: BenchSettings) -> anyhow::Result<()> {
         Scenario::Backlog(a) => backlog::run(&gateways, &signer, &procs, a).await?,
         Scenario::Presence(a) => presence::run(&gateways, &signer, a).await?,
         Scenario::Notifier(a) => notifier::run(&gateways, &signer, &procs, a).await?,
+        Scenario::FloorServer(a) => return floor::serve(a).await,
     };
     if let Some(label) = s.label {
         extend(&mut line, serde_json::json!({ "label": label }));

@@ -5,6 +5,7 @@ mod helpers;
 
 mod attachments;
 mod bad_input;
+mod bench;
 mod browser;
 mod cli;
 mod cluster;
