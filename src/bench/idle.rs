@@ -68,9 +68,15 @@ pub async fn run(gateways: &[String], signer: &Signer, servers: &Servers, a: Idl
     let baseline = servers.snapshot();
     // Authenticated connections: connect + hello + welcome.
     let t = Instant::now();
+    // Each handshake is a task of its own, so the load generator's side of
+    // them runs on every core (in one task, it bounded the rate it measured).
     // buffer_unordered answers in completion order: each result carries its index.
     let conns: Vec<(usize, anyhow::Result<Ws>)> = futures::stream::iter(users.iter().enumerate())
-        .map(|(i, u)| async move { (i, connect(&gateways[i % gateways.len()], signer, u).await) })
+        .map(|(i, u)| {
+            let (gateway, signer, user) = (gateways[i % gateways.len()].clone(), signer.clone(), u.clone());
+            let handshake = tokio::spawn(async move { connect(&gateway, &signer, &user).await });
+            async move { (i, handshake.await.map_err(anyhow::Error::from).and_then(|c| c)) }
+        })
         .buffer_unordered(a.concurrency.max(1))
         .collect()
         .await;

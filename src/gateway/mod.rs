@@ -39,7 +39,7 @@ use std::{
 use anyhow::Context;
 use async_nats::jetstream;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -108,6 +108,20 @@ struct Repair(tokio::sync::Mutex<Option<tokio::time::Instant>>);
 
 /// The least time between two repairs of one stream by one gateway.
 const REPAIR_EVERY: Duration = Duration::from_secs(1);
+
+/// Connections the kernel completes and queues before the gateway accepts
+/// them (capped by `net.core.somaxconn`). A reconnect storm (every client of
+/// a restarted gateway at once) arrives faster than one worker accepts; when
+/// the queue is full the kernel drops the SYN and the client retries only
+/// after a second. tokio's `bind` queues 1 024.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 impl Repair {
     async fn run(&self, repair: impl std::future::Future<Output = ()>) {
@@ -212,9 +226,7 @@ impl Gateway {
         .await?;
         bus::presence::ensure_bucket(&js, &settings.nats).await?;
         let attachments = bus::objects::ensure_attachments(&js, &settings.nats).await?;
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let listener = listen(settings.listen).with_context(|| format!("cannot listen on {}", settings.listen))?;
         let metrics = Arc::new(metrics::Metrics::default());
         let hub = hub::Hub::start(room::RoomDeps {
             metrics: metrics.clone(),
@@ -345,5 +357,31 @@ async fn forget_idle_keys(
         limits.forget_idle();
         typing.retain_recent();
         typing.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nobody accepts here: the kernel completes handshakes into the accept
+    /// queue only up to the backlog and drops later SYNs (their clients would
+    /// wait a second to retry). A storm of 2 000 connects all complete.
+    #[tokio::test]
+    async fn the_listener_queues_a_reconnect_storm_without_dropping_syns() {
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let storm = 2000;
+        let connects =
+            (0..storm).map(|_| tokio::time::timeout(Duration::from_millis(1500), tokio::net::TcpStream::connect(addr)));
+        let done = futures::future::join_all(connects).await;
+        let completed = done.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        // The kernel caps the backlog at net.core.somaxconn (4 096 by default).
+        let cap: usize =
+            std::fs::read_to_string("/proc/sys/net/core/somaxconn").map_or(4096, |s| s.trim().parse().unwrap());
+        assert_eq!(completed, storm.min(cap + 1), "SYNs dropped by a full accept queue");
+        // A port already listened on is refused, not shared.
+        assert!(listen(addr).is_err());
     }
 }
