@@ -149,7 +149,11 @@ impl Shared {
     ) -> Result<messages::Published, messages::PublishError> {
         let confirmed = messages::confirm(&self.stream, ts, ack).await;
         if matches!(confirmed, Err(messages::PublishError::NoStream)) {
-            self.repair_chat().await;
+            // Boxed: the repair's future (lookups, the archive query, the
+            // stream's config) is ~16 KiB, and every send's ack task would
+            // carry it, and be moved whole into its task, for a path taken
+            // when the stream is lost.
+            Box::pin(self.repair_chat()).await;
         }
         confirmed
     }
