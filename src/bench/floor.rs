@@ -27,12 +27,15 @@ use std::{
 };
 
 use anyhow::Context;
-use base64::Engine;
 use clap::Args;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
+use tungstenite::protocol::frame::{
+    Frame, FrameHeader,
+    coding::{Control, Data, OpCode},
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct FloorArgs {
@@ -139,12 +142,12 @@ async fn session(conn: &Arc<Conn>, rooms: &Rooms) -> anyhow::Result<()> {
             match ws_frame(&buf)? {
                 Some((opcode, payload, used)) => {
                     match opcode {
-                        0x1 => on_text(conn, rooms, &mut user, &payload)?,
-                        0x8 => {
-                            conn.deliver(&[0x88, 0x00]);
+                        OpCode::Data(Data::Text) => on_text(conn, rooms, &mut user, &payload)?,
+                        OpCode::Control(Control::Close) => {
+                            conn.deliver(&encode(Frame::close(None)));
                             return Ok(());
                         }
-                        0x9 => conn.deliver(&ws_encode(0xA, &payload)),
+                        OpCode::Control(Control::Ping) => conn.deliver(&encode(Frame::pong(payload))),
                         _ => {}
                     }
                     used
@@ -257,7 +260,7 @@ fn on_text(conn: &Arc<Conn>, rooms: &Rooms, user: &mut String, payload: &[u8]) -
                 "from": user, "ts": ts, "body": f.body, "kind": "text",
             });
             // Encoded once, written to every member.
-            let frame = ws_encode(0x1, message.to_string().as_bytes());
+            let frame = encode(text(message));
             room.members.retain(|m| !m.closed.load(Relaxed));
             for m in &room.members {
                 m.deliver(&frame);
@@ -267,59 +270,48 @@ fn on_text(conn: &Arc<Conn>, rooms: &Rooms, user: &mut String, payload: &[u8]) -
         "ping" => json!({"type": "pong"}),
         other => json!({"type": "error", "code": "bad_request", "message": format!("floor-server: no {other:?}")}),
     };
-    conn.deliver(&ws_encode(0x1, reply.to_string().as_bytes()));
+    conn.deliver(&encode(text(reply)));
     Ok(())
 }
 
 /// The `sub` of a JWT, unverified (the floor authenticates nobody).
 fn token_subject(token: &str) -> Option<String> {
-    let claims = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    v["sub"].as_str().map(String::from)
+    #[derive(Deserialize)]
+    struct Claims {
+        sub: String,
+    }
+    jsonwebtoken::dangerous::insecure_decode_claims::<Claims>(token).ok().map(|c| c.sub)
 }
 
 /// One complete client frame at the start of `buf`: (opcode, unmasked
 /// payload, bytes used). Fragmented messages are not needed by the load
 /// generator and are refused.
-fn ws_frame(buf: &[u8]) -> anyhow::Result<Option<(u8, Vec<u8>, usize)>> {
-    if buf.len() < 2 {
+fn ws_frame(buf: &[u8]) -> anyhow::Result<Option<(OpCode, Vec<u8>, usize)>> {
+    let mut cursor = std::io::Cursor::new(buf);
+    let Some((header, len)) = FrameHeader::parse(&mut cursor)? else {
         return Ok(None);
-    }
-    anyhow::ensure!(buf[0] & 0x80 != 0, "fragmented frames are not supported");
-    anyhow::ensure!(buf[1] & 0x80 != 0, "client frames must be masked");
-    let (len, mut at) = match buf[1] & 0x7f {
-        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-        127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into()?) as usize, 10),
-        126 | 127 => return Ok(None),
-        n => (n as usize, 2),
     };
+    anyhow::ensure!(header.is_final, "fragmented frames are not supported");
+    let mask = header.mask.context("client frames must be masked")?;
+    let len = usize::try_from(len)?;
     anyhow::ensure!(len <= MAX_INPUT, "frame too large");
-    if buf.len() < at + 4 + len {
+    let at = cursor.position() as usize;
+    if buf.len() < at + len {
         return Ok(None);
     }
-    let mask = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
-    at += 4;
     let payload = buf[at..at + len].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
-    Ok(Some((buf[0] & 0x0f, payload, at + len)))
+    Ok(Some((header.opcode, payload, at + len)))
 }
 
-/// A server frame (unmasked, final) with `opcode` around `payload`.
-fn ws_encode(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 10);
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n <= u16::MAX as usize => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(payload);
+/// A final text frame of `v`'s JSON.
+fn text(v: serde_json::Value) -> Frame {
+    Frame::message(v.to_string(), OpCode::Data(Data::Text), true)
+}
+
+/// The bytes of a server frame (unmasked).
+fn encode(frame: Frame) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len());
+    frame.format(&mut out).expect("a Vec takes every write");
     out
 }
 
@@ -328,32 +320,30 @@ mod tests {
     use super::*;
 
     /// A client frame as a client writes it: masked.
-    fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [1u8, 2, 3, 4];
-        let mut f = ws_encode(opcode, payload);
-        let at = f.len() - payload.len();
-        f[1] |= 0x80;
-        f.splice(at..at, mask);
-        for (i, b) in f[at + 4..].iter_mut().enumerate() {
-            *b ^= mask[i % 4];
-        }
-        f
+    fn masked(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mut f = Frame::message(payload.to_vec(), opcode, true);
+        f.header_mut().mask = Some([1, 2, 3, 4]);
+        encode(f)
     }
 
     #[test]
     fn frames_read_back_what_was_written_at_every_length_form() {
+        let text = OpCode::Data(Data::Text);
         for len in [0, 125, 126, 65_535, 65_536] {
             let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
-            let mut buf = masked(0x1, &payload);
+            let mut buf = masked(text, &payload);
             let whole = buf.len();
-            buf.extend_from_slice(&masked(0x9, b"next"));
+            buf.extend_from_slice(&masked(OpCode::Data(Data::Binary), b"next"));
             let (op, got, used) = ws_frame(&buf).unwrap().unwrap();
-            assert_eq!((op, used), (0x1, whole), "length {len}");
+            assert_eq!((op, used), (text, whole), "length {len}");
             assert_eq!(got, payload);
             // A frame cut anywhere is incomplete, not an error.
             assert!(ws_frame(&buf[..whole - 1]).unwrap().is_none());
         }
-        assert!(ws_frame(&ws_encode(0x1, b"unmasked")).is_err());
+        assert!(ws_frame(&encode(Frame::message("unmasked", text, true))).is_err());
+        let mut fragment = masked(text, b"part");
+        fragment[0] &= 0x7f; // not final
+        assert!(ws_frame(&fragment).is_err());
     }
 
     #[test]

@@ -106,8 +106,48 @@ pub struct Shared {
 #[derive(Default)]
 struct Repair(tokio::sync::Mutex<Option<tokio::time::Instant>>);
 
+impl Repair {
+    async fn run<T>(&self, repair: impl std::future::Future<Output = T>) {
+        let Ok(mut last) = self.0.try_lock() else { return };
+        if last.is_some_and(|t| t.elapsed() < REPAIR_EVERY) {
+            return;
+        }
+        *last = Some(tokio::time::Instant::now());
+        repair.await;
+    }
+}
+
 /// The least time between two repairs of one stream by one gateway.
 const REPAIR_EVERY: Duration = Duration::from_secs(1);
+
+/// Makes the stream `name` again with `make` if it is really gone (lost with
+/// its storage, or deleted), counted in `natter_stream_repairs_total` as
+/// `label`; `found_by` says what found it, for the log. A stream between
+/// leaders answers "no responders" too: it is looked up first, and nothing
+/// is made or counted then. Whether the stream exists afterwards.
+async fn remake_if_gone<T>(
+    js: &jetstream::Context,
+    metrics: &metrics::Metrics,
+    name: &str,
+    label: &'static str,
+    found_by: &str,
+    make: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> bool {
+    if !bus::stream_gone(js, name).await {
+        return true;
+    }
+    match make.await {
+        Ok(_) => {
+            metrics.stream_repaired(label);
+            tracing::warn!("{found_by} found stream {name} gone: made it again");
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "stream {name} is gone and cannot be made again");
+            false
+        }
+    }
+}
 
 /// Connections the kernel completes and queues before the gateway accepts
 /// them (capped by `net.core.somaxconn`). A reconnect storm (every client of
@@ -121,17 +161,6 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
-}
-
-impl Repair {
-    async fn run(&self, repair: impl std::future::Future<Output = ()>) {
-        let Ok(mut last) = self.0.try_lock() else { return };
-        if last.is_some_and(|t| t.elapsed() < REPAIR_EVERY) {
-            return;
-        }
-        *last = Some(tokio::time::Instant::now());
-        repair.await;
-    }
 }
 
 impl Shared {
@@ -164,48 +193,22 @@ impl Shared {
     /// go by name, so nothing else needs a restart; the notifiers bind their
     /// consumers again.
     async fn repair_chat(&self) {
-        self.chat_repair
-            .run(async {
-                if !bus::stream_gone(&self.js, bus::subjects::CHAT_STREAM).await {
-                    return; // a stream between leaders, not a lost one
-                }
-                let archived_up_to = || async {
-                    crate::db::archive::highest_seq(&self.db).await.context("cannot read the archive's highest seq")
-                };
-                match bus::streams::ensure_chat(&self.js, &self.settings.nats, archived_up_to).await {
-                    Ok(_) => {
-                        self.metrics.stream_repaired("CHAT");
-                        tracing::warn!("a send found the CHAT stream gone: made it again");
-                    }
-                    Err(e) => {
-                        tracing::error!(error = format!("{e:#}"), "the CHAT stream is gone and cannot be made again")
-                    }
-                }
-            })
-            .await
+        let archived_up_to = || async {
+            crate::db::archive::highest_seq(&self.db).await.context("cannot read the archive's highest seq")
+        };
+        let make = bus::streams::ensure_chat(&self.js, &self.settings.nats, archived_up_to);
+        let remake = remake_if_gone(&self.js, &self.metrics, bus::subjects::CHAT_STREAM, "CHAT", "a send", make);
+        self.chat_repair.run(remake).await;
     }
 
     /// After an upload failed: if the attachments bucket is gone (its
     /// storage lost, or deleted), makes it again, so that the next upload
     /// is stored. (The images it held are lost with it.)
     pub async fn repair_attachments(&self) {
-        self.attachments_repair
-            .run(async {
-                if !bus::stream_gone(&self.js, &format!("OBJ_{}", bus::subjects::ATTACHMENTS_BUCKET)).await {
-                    return;
-                }
-                match bus::objects::ensure_attachments(&self.js, &self.settings.nats).await {
-                    Ok(_) => {
-                        self.metrics.stream_repaired("attachments");
-                        tracing::warn!("an upload found the attachments bucket gone: made it again");
-                    }
-                    Err(e) => tracing::error!(
-                        error = format!("{e:#}"),
-                        "the attachments bucket is gone and cannot be made again"
-                    ),
-                }
-            })
-            .await
+        let name = format!("OBJ_{}", bus::subjects::ATTACHMENTS_BUCKET);
+        let make = bus::objects::ensure_attachments(&self.js, &self.settings.nats);
+        let remake = remake_if_gone(&self.js, &self.metrics, &name, "attachments", "an upload", make);
+        self.attachments_repair.run(remake).await;
     }
 }
 

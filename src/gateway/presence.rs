@@ -622,14 +622,12 @@ impl Presence {
     /// again. (Last-seen records of users no longer connected are lost with
     /// it.)
     async fn remake_bucket(&self) {
-        if bus::stream_gone(&self.js, subjects::PRESENCE_STREAM).await {
-            if let Err(e) = bus::presence::ensure_bucket(&self.js, &self.bucket).await {
-                self.bucket_gone.store(true, Ordering::Relaxed);
-                tracing::error!(error = format!("{e:#}"), "the presence bucket is gone and cannot be made again");
-                return;
-            }
-            self.metrics.stream_repaired("presence");
-            tracing::warn!("a presence write found the bucket gone: made it again");
+        let make = bus::presence::ensure_bucket(&self.js, &self.bucket);
+        let found_by = "a presence write";
+        if !super::remake_if_gone(&self.js, &self.metrics, subjects::PRESENCE_STREAM, "presence", found_by, make).await
+        {
+            self.bucket_gone.store(true, Ordering::Relaxed);
+            return;
         }
         let st = self.state.lock();
         let mut unstored = self.unstored.lock();

@@ -6,7 +6,7 @@
 
 use std::{
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -53,7 +53,8 @@ async fn bench_fanout_delivers_everything_through_natter_and_through_the_floor_s
     assert_everything_delivered_once_in_order(&line, "natter");
     assert_eq!(line["gateways"], 2);
 
-    let addr = format!("127.0.0.1:{}", free_port());
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
     let _floor = Floor(
         natter_bin()
             .args(["bench", "floor-server", "--listen", &addr, "--exit-after", "60s"])
@@ -62,11 +63,7 @@ async fn bench_fanout_delivers_everything_through_natter_and_through_the_floor_s
             .spawn()
             .expect("spawn floor-server"),
     );
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < until, "floor-server did not listen on {addr}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_listening(port, Duration::from_secs(10), "floor-server");
     let line = fanout(format!("http://{addr}")).await;
     assert_everything_delivered_once_in_order(&line, "floor-server");
 

@@ -11,7 +11,7 @@ use clap::Parser;
 use natter::{config::GatewaySettings, gateway::Gateway};
 use tokio_util::sync::CancellationToken;
 
-use super::{NatsServer, SECRET, TestDb, free_port};
+use super::{NatsServer, SECRET, TestDb, free_port, wait_listening};
 
 #[derive(Parser)]
 #[command(args_override_self = true)]
@@ -113,11 +113,7 @@ impl GatewayProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn natter gateway");
-        let until = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < until, "gateway process did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        wait_listening(port, Duration::from_secs(20), "gateway process");
         Self { child: Some(child), addr }
     }
 

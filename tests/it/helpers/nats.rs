@@ -26,6 +26,16 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Waits until something listens on 127.0.0.1:`port` (a server a test
+/// started), failing the test after `within`.
+pub fn wait_listening(port: u16, within: Duration, what: &str) {
+    let until = Instant::now() + within;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "{what} did not listen on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// NATTER_TEST_NATS_SERVER, else the pinned binary from scripts/setup.
 pub(crate) fn nats_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NATTER_TEST_NATS_SERVER") {
@@ -70,11 +80,7 @@ impl NatsServer {
             .spawn()
             .expect("start nats-server");
         self.child = Some(child);
-        let until = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < until, "nats-server did not start on {}", self.port);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(self.port, Duration::from_secs(10), "nats-server");
     }
 
     pub fn url(&self) -> String {
