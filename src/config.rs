@@ -54,6 +54,7 @@ pub enum LogFormat {
     Json,
 }
 
+/// How tokens are checked: the algorithm is pinned; only that one is accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum JwtAlg {
     #[value(name = "HS256")]
@@ -66,7 +67,6 @@ pub enum JwtAlg {
     EdDsa,
 }
 
-/// How tokens are checked: the algorithm is pinned; only that one is accepted.
 /// How a gateway receives the live traffic of its rooms (messages, typing,
 /// events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
