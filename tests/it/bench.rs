@@ -4,10 +4,7 @@
 //! deliver every message once, in order. A figure from a run that lost or
 //! doubled messages would measure nothing.
 
-use std::{
-    process::{Child, Stdio},
-    time::Duration,
-};
+use std::{process::Stdio, time::Duration};
 
 use serde_json::Value;
 
@@ -36,16 +33,6 @@ fn assert_everything_delivered_once_in_order(line: &Value, server: &str) {
     assert!(line["p99_ms"].as_f64().unwrap() > 0.0, "{server}: {line}");
 }
 
-/// The floor-server child, ended by its handle when the test ends.
-struct Floor(Child);
-
-impl Drop for Floor {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_fanout_delivers_everything_through_natter_and_through_the_floor_server() {
     let stack = Stack::start().await;
@@ -55,7 +42,7 @@ async fn bench_fanout_delivers_everything_through_natter_and_through_the_floor_s
 
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let _floor = Floor(
+    let mut floor = Spawned(
         natter_bin()
             .args(["bench", "floor-server", "--listen", &addr, "--exit-after", "60s"])
             .env("NATTER_JWT_SECRET", SECRET)
@@ -63,7 +50,7 @@ async fn bench_fanout_delivers_everything_through_natter_and_through_the_floor_s
             .spawn()
             .expect("spawn floor-server"),
     );
-    wait_listening(port, Duration::from_secs(10), "floor-server");
+    floor.listening(port, Duration::from_secs(10), "floor-server").expect("floor-server exited");
     let line = fanout(format!("http://{addr}")).await;
     assert_everything_delivered_once_in_order(&line, "floor-server");
 

@@ -8,9 +8,8 @@
 //! forbidden subjects are refused with a permissions violation.
 
 use std::{
-    net::TcpStream,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -29,8 +28,8 @@ use natter::{
 use crate::{
     assert_eventually,
     helpers::{
-        Client as WsClient, TestDb, TestEmulator, create_room, free_port, http, nats_settings, spawn_gateway_at,
-        spawn_notifier_at, token,
+        Client as WsClient, Spawned, TestDb, TestEmulator, create_room, free_port, http, nats_bin, nats_settings,
+        spawn_gateway_at, spawn_notifier_at, token,
     },
 };
 
@@ -41,7 +40,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// A nats-server running from the repo's accounts file; killed on Drop.
 struct ConfiguredNats {
-    child: Child,
+    _server: Spawned,
     port: u16,
     _dir: tempfile::TempDir,
 }
@@ -81,35 +80,17 @@ impl ConfiguredNats {
             .stderr(log)
             .spawn()
             .expect("start nats-server");
-        let mut s = Self { child, port, _dir: dir };
-        let until = Instant::now() + WAIT;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = s.child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(s._dir.path().join("nats.log"));
-                panic!("nats-server exited ({status}) with the accounts file: {log:?}");
-            }
-            assert!(Instant::now() < until, "nats-server did not start on {port}");
-            std::thread::sleep(Duration::from_millis(20));
+        let mut server = Spawned(child);
+        if let Err(status) = server.listening(port, WAIT, "nats-server") {
+            let log = std::fs::read_to_string(dir.path().join("nats.log"));
+            panic!("nats-server exited ({status}) with the accounts file: {log:?}");
         }
-        s
+        Self { _server: server, port, _dir: dir }
     }
 
     fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
-}
-
-impl Drop for ConfiguredNats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn nats_bin() -> std::path::PathBuf {
-    std::env::var_os("NATTER_TEST_NATS_SERVER")
-        .map(Into::into)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/nats-server"))
 }
 
 /// A client plus the server errors (`-ERR`) it has been sent.

@@ -4,7 +4,7 @@
 use std::{
     net::TcpStream,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -29,10 +29,43 @@ pub fn free_port() -> u16 {
 /// Waits until something listens on 127.0.0.1:`port` (a server a test
 /// started), failing the test after `within`.
 pub fn wait_listening(port: u16, within: Duration, what: &str) {
+    let _never_exits = wait_listening_while(port, within, what, || None);
+}
+
+/// [`wait_listening`], but `Err` with the exit status as soon as `exited`
+/// says the server has ended (a config it refused, say).
+fn wait_listening_while(
+    port: u16,
+    within: Duration,
+    what: &str,
+    mut exited: impl FnMut() -> Option<ExitStatus>,
+) -> Result<(), ExitStatus> {
     let until = Instant::now() + within;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = exited() {
+            return Err(status);
+        }
         assert!(Instant::now() < until, "{what} did not listen on port {port}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A server process a test started: killed and reaped on Drop.
+pub struct Spawned(pub Child);
+
+impl Spawned {
+    /// Waits until it listens on 127.0.0.1:`port`; `Err` with its exit
+    /// status if it ended first.
+    pub fn listening(&mut self, port: u16, within: Duration, what: &str) -> Result<(), ExitStatus> {
+        wait_listening_while(port, within, what, || self.0.try_wait().unwrap())
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
